@@ -1,0 +1,422 @@
+//! The storage-medium seam under the whole store.
+//!
+//! Everything the store keeps lives in a handful of named files of one
+//! directory. [`Medium`] is that directory, [`MediumFile`] one file. The real
+//! medium ([`DirMedium`]) maps them to POSIX files; [`MemMedium`] keeps them in
+//! memory and remembers which bytes and names were made durable by `sync_data`
+//! / `sync_dir`, so a test can simulate a crash that keeps only those (plus any
+//! chosen subset of unsynced writes) and reopen the store on what is left.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One file of the medium. Positional I/O only, safe to share across threads.
+pub trait MediumFile: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `data` at `offset`, extending the file if needed.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write of this file durable.
+    fn sync_data(&self) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (truncates or extends with zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Gives the space of a range back to the medium; it reads as zeros after.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A directory of named files.
+pub trait Medium: Send + Sync {
+    /// Opens (creating when `create`) the named file.
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>>;
+    /// Whether the named file exists.
+    fn exists(&self, name: &str) -> bool;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Removes a file (missing is fine).
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Names of all files.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Takes the exclusive lock that keeps a second process out; held until
+    /// the returned guard is dropped.
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>>;
+    /// Where the medium lives, for messages.
+    fn describe(&self) -> String;
+}
+
+/// The real medium: files in a directory.
+pub struct DirMedium {
+    dir: PathBuf,
+}
+
+impl DirMedium {
+    /// Uses (and creates when missing) the directory.
+    pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir.as_ref())?;
+        Ok(DirMedium {
+            dir: dir.as_ref().to_path_buf(),
+        })
+    }
+}
+
+struct OsFile(File);
+
+impl MediumFile for OsFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.0.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // A filesystem without hole punching keeps the space; data stays correct.
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
+struct LockFile(#[allow(dead_code)] File);
+
+impl Medium for DirMedium {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(self.dir.join(name))?;
+        Ok(Arc::new(OsFile(f)))
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.dir.join(name).exists()
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.dir.join(name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            if let Some(n) = e?.file_name().to_str() {
+                out.push(n.to_string());
+            }
+        }
+        Ok(out)
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join("pool.lock"))?;
+        // SAFETY: flock on a valid open descriptor.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Box::new(LockFile(f)))
+    }
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// One unsynced write remembered by [`MemMedium`].
+#[derive(Clone)]
+struct Pending {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct MemFileState {
+    current: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<Pending>,
+    /// Set when the length changed without a sync.
+    len_dirty: bool,
+}
+
+struct MemFile {
+    state: Mutex<MemFileState>,
+    faults: Arc<Mutex<Faults>>,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Fail every write and sync from now on (a dead disk).
+    fail_io: bool,
+}
+
+fn write_into(v: &mut Vec<u8>, data: &[u8], offset: u64) {
+    let end = offset as usize + data.len();
+    if v.len() < end {
+        v.resize(end, 0);
+    }
+    v[offset as usize..end].copy_from_slice(data);
+}
+
+impl MediumFile for MemFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let s = self.state.lock();
+        let off = offset as usize;
+        buf.fill(0);
+        if off < s.current.len() {
+            let n = buf.len().min(s.current.len() - off);
+            buf[..n].copy_from_slice(&s.current[off..off + n]);
+        }
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if self.faults.lock().fail_io {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let mut s = self.state.lock();
+        write_into(&mut s.current, data, offset);
+        s.pending.push(Pending {
+            offset,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.faults.lock().fail_io {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let mut s = self.state.lock();
+        s.durable = s.current.clone();
+        s.pending.clear();
+        s.len_dirty = false;
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state.lock().current.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.current.resize(len as usize, 0);
+        s.len_dirty = true;
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let end = ((offset + len) as usize).min(s.current.len());
+        if (offset as usize) < end {
+            s.current[offset as usize..end].fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MemDir {
+    files: HashMap<u64, Arc<MemFile>>,
+    current: HashMap<String, u64>,
+    durable: HashMap<String, u64>,
+    next_id: u64,
+}
+
+/// An in-memory medium that can simulate a crash or power loss.
+#[derive(Clone, Default)]
+pub struct MemMedium {
+    dir: Arc<Mutex<MemDir>>,
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl MemMedium {
+    /// An empty medium.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulates a power loss: every file falls back to its durable bytes
+    /// plus those unsynced writes `keep(file, index)` chooses (the kernel may
+    /// have written any of them back, in any order); names fall back to the
+    /// last `sync_dir`. Returns a fresh medium with what survived.
+    pub fn crash(&self, mut keep: impl FnMut(&str, usize) -> bool) -> MemMedium {
+        let dir = self.dir.lock();
+        let mut out = MemDir {
+            next_id: dir.next_id,
+            ..Default::default()
+        };
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        for (name, id) in &dir.durable {
+            let f = &dir.files[id];
+            let s = f.state.lock();
+            let mut bytes = s.durable.clone();
+            for (i, p) in s.pending.iter().enumerate() {
+                if keep(name, i) {
+                    write_into(&mut bytes, &p.data, p.offset);
+                }
+            }
+            let nf = MemFile {
+                state: Mutex::new(MemFileState {
+                    current: bytes.clone(),
+                    durable: bytes,
+                    ..Default::default()
+                }),
+                faults: faults.clone(),
+            };
+            out.files.insert(*id, Arc::new(nf));
+            out.current.insert(name.clone(), *id);
+            out.durable.insert(name.clone(), *id);
+        }
+        MemMedium {
+            dir: Arc::new(Mutex::new(out)),
+            faults,
+        }
+    }
+
+    /// Simulates a process kill (not a power loss): every completed write
+    /// survives, as it would in the page cache.
+    pub fn kill(&self) -> MemMedium {
+        let dir = self.dir.lock();
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let mut out = MemDir {
+            next_id: dir.next_id,
+            ..Default::default()
+        };
+        for (name, id) in &dir.current {
+            let bytes = dir.files[id].state.lock().current.clone();
+            let nf = MemFile {
+                state: Mutex::new(MemFileState {
+                    current: bytes.clone(),
+                    durable: bytes,
+                    ..Default::default()
+                }),
+                faults: faults.clone(),
+            };
+            out.files.insert(*id, Arc::new(nf));
+            out.current.insert(name.clone(), *id);
+            out.durable.insert(name.clone(), *id);
+        }
+        MemMedium {
+            dir: Arc::new(Mutex::new(out)),
+            faults,
+        }
+    }
+
+    /// From now on every write and sync fails with EIO.
+    pub fn fail_all_io(&self) {
+        self.faults.lock().fail_io = true;
+    }
+
+    /// Flips one byte of a file (as seen now), for corruption tests.
+    pub fn corrupt(&self, name: &str, offset: u64) {
+        let dir = self.dir.lock();
+        if let Some(id) = dir.current.get(name) {
+            let mut s = dir.files[id].state.lock();
+            if let Some(b) = s.current.get_mut(offset as usize) {
+                *b ^= 0x5a;
+            }
+        }
+    }
+}
+
+impl Medium for MemMedium {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
+        let mut dir = self.dir.lock();
+        if let Some(id) = dir.current.get(name) {
+            return Ok(dir.files[id].clone());
+        }
+        if !create {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        let id = dir.next_id;
+        dir.next_id += 1;
+        let f = Arc::new(MemFile {
+            state: Mutex::new(MemFileState::default()),
+            faults: self.faults.clone(),
+        });
+        dir.files.insert(id, f.clone());
+        dir.current.insert(name.to_string(), id);
+        Ok(f)
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.dir.lock().current.contains_key(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut dir = self.dir.lock();
+        let id = dir
+            .current
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        dir.current.insert(to.to_string(), id);
+        Ok(())
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.dir.lock().current.remove(name);
+        Ok(())
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        if self.faults.lock().fail_io {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let mut dir = self.dir.lock();
+        dir.durable = dir.current.clone();
+        Ok(())
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.dir.lock().current.keys().cloned().collect())
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
+        Ok(Box::new(()))
+    }
+    fn describe(&self) -> String {
+        "memory medium".into()
+    }
+}

@@ -1,0 +1,1694 @@
+//! The pool: volumes, their redirect-on-write maps, the journal, checkpoints,
+//! flush and recovery. See the crate doc for the format and the lock table.
+
+use crate::alloc::Alloc;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
+use crate::medium::{DirMedium, Medium, MediumFile};
+use crate::{Damage, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, VolumeInfo, BLOCK};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const B: u64 = BLOCK as u64;
+const DATA_FILE: &str = "data";
+const CHECKPOINT: &str = "checkpoint";
+const CHECKPOINT_TMP: &str = "checkpoint.tmp";
+const STRIPES: usize = 256;
+/// Largest volume: 1 PiB.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+/// Sizes are whole sectors.
+pub const SIZE_ALIGN: u64 = 512;
+/// Entries per checkpoint frame.
+const CKPT_CHUNK: usize = 4096;
+
+fn journal_name(id: u64) -> String {
+    format!("journal.{id:016}")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks a volume or snapshot name.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::new(
+            ErrorKind::InvalidName,
+            format!("invalid {what} name {name:?}: {why}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 200 {
+        return bad("longer than 200 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are reserved");
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || *c == '/' || *c == '@') {
+        return bad(&format!(
+            "{c:?} is not allowed (no '/', '@' or control characters)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 || size % SIZE_ALIGN != 0 || size > MAX_VOLUME_SIZE {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "invalid volume size {size}: it must be a non-zero multiple of 512 bytes, at most 1 PiB"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) struct Snap {
+    pub name: String,
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// The state of one volume; guarded by `VolCell::st`.
+pub(crate) struct VolState {
+    pub size: u64,
+    pub created_ms: u64,
+    /// The head's epoch: writes now are born in it.
+    pub epoch: u32,
+    /// Live snapshots by epoch: a snapshot sees, per block, the entry with
+    /// the largest birth ≤ its epoch.
+    pub snaps: BTreeMap<u32, Snap>,
+    /// (block, birth) → location.
+    pub map: BTreeMap<(u64, u32), Loc>,
+    pub data_entries: u64,
+    pub deleted: bool,
+}
+
+impl VolState {
+    fn snap_by_name(&self, name: &str) -> Option<u32> {
+        self.snaps
+            .iter()
+            .find(|(_, s)| s.name == name)
+            .map(|(e, _)| *e)
+    }
+
+    /// Applies a map record; returns the slots it stopped referencing.
+    fn apply_update(&mut self, birth: u32, items: &[UpdateItem], freed: &mut Vec<u64>) {
+        for it in items {
+            if let Some(t) = it.drop {
+                if let Some(old) = self.map.remove(&(it.block, t)) {
+                    self.forget(old, freed);
+                }
+            }
+            if let Some(l) = it.set {
+                if let Loc::Data { .. } = l {
+                    self.data_entries += 1;
+                }
+                if let Some(old) = self.map.insert((it.block, birth), l) {
+                    self.forget(old, freed);
+                }
+            }
+        }
+    }
+
+    fn apply_drops(&mut self, items: &[(u64, u32)], freed: &mut Vec<u64>) {
+        for &(b, t) in items {
+            if let Some(old) = self.map.remove(&(b, t)) {
+                self.forget(old, freed);
+            }
+        }
+    }
+
+    fn forget(&mut self, l: Loc, freed: &mut Vec<u64>) {
+        if let Loc::Data { slot, .. } = l {
+            self.data_entries -= 1;
+            freed.push(slot);
+        }
+    }
+
+    /// The update that gives `block` the value `new` on the head, keeping
+    /// whatever a live snapshot still sees; `None` when nothing changes.
+    fn plan(&self, block: u64, new: Loc) -> Option<UpdateItem> {
+        let cur = self.epoch;
+        let latest = self
+            .map
+            .range((block, 0)..=(block, u32::MAX))
+            .next_back()
+            .map(|(&(_, t), _)| t);
+        let Some(t) = latest else {
+            return (new != Loc::Hole).then_some(UpdateItem {
+                block,
+                set: Some(new),
+                drop: None,
+            });
+        };
+        let seen_by_snapshot = t != cur && self.snaps.range(t..cur).next().is_some();
+        if seen_by_snapshot {
+            return Some(UpdateItem {
+                block,
+                set: Some(new),
+                drop: None,
+            });
+        }
+        let older = self.map.range((block, 0)..(block, t)).next().is_some();
+        if new == Loc::Hole && !older {
+            return Some(UpdateItem {
+                block,
+                set: None,
+                drop: Some(t),
+            });
+        }
+        Some(UpdateItem {
+            block,
+            set: Some(new),
+            drop: (t != cur).then_some(t),
+        })
+    }
+
+    /// Entries that become invisible when the snapshot at `epoch` goes.
+    fn gc_for_delete(&self, epoch: u32) -> Vec<(u64, u32)> {
+        let lo = self
+            .snaps
+            .range(..epoch)
+            .next_back()
+            .map(|(e, _)| e + 1)
+            .unwrap_or(0);
+        let next = self.snaps.range(epoch + 1..).next().map(|(e, _)| *e);
+        let mut drops = Vec::new();
+        let mut it = self.map.keys().peekable();
+        while let Some(&(b, t)) = it.next() {
+            if t < lo || t > epoch {
+                continue;
+            }
+            match it.peek() {
+                Some(&&(b2, t2)) if b2 == b => {
+                    // A newer entry exists: drop this one if it is in the
+                    // window but not the window's last, or if the next view
+                    // sees the newer one.
+                    if t2 <= epoch || next.is_none_or(|n| t2 <= n) {
+                        drops.push((b, t));
+                    }
+                }
+                _ => {}
+            }
+        }
+        drops
+    }
+
+    /// Per block of [first, first+n), the location the view `limit` sees.
+    fn locate(&self, first: u64, n: usize, limit: u32) -> Vec<Loc> {
+        let mut locs = vec![Loc::Hole; n];
+        for (&(b, t), &l) in self.map.range((first, 0)..(first + n as u64, 0)) {
+            if t <= limit {
+                locs[(b - first) as usize] = l;
+            }
+        }
+        locs
+    }
+}
+
+pub(crate) struct VolCell {
+    pub id: u32,
+    pub name: String,
+    pub st: RwLock<VolState>,
+}
+
+#[derive(Default)]
+struct Vols {
+    by_name: HashMap<String, Arc<VolCell>>,
+    by_id: HashMap<u32, Arc<VolCell>>,
+    next_id: u32,
+}
+
+struct Journal {
+    file: Arc<dyn MediumFile>,
+    id: u64,
+    pos: u64,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    fn append(&mut self, rec: &Record) -> Result<u64> {
+        self.seq += 1;
+        self.buf.clear();
+        rec.encode_frame(self.seq, &mut self.buf);
+        if let Err(e) = self.file.write_at(&self.buf, self.pos) {
+            self.seq -= 1;
+            return Err(Error::io("cannot append to the metadata journal", e));
+        }
+        self.pos += self.buf.len() as u64;
+        Ok(self.seq)
+    }
+}
+
+struct FlushState {
+    durable_upto: u64,
+}
+
+pub(crate) struct Inner {
+    medium: Arc<dyn Medium>,
+    _lock: Box<dyn Send + Sync>,
+    data: Arc<dyn MediumFile>,
+    vols: RwLock<Vols>,
+    journal: Mutex<Journal>,
+    alloc: Mutex<Alloc>,
+    /// Readers hold it shared while they read slots; freed slots become
+    /// reusable only after an exclusive acquisition, so no reader can see a
+    /// slot it located being rewritten.
+    reuse: RwLock<()>,
+    /// Serialises read-modify-write of partial blocks.
+    stripes: Vec<Mutex<()>>,
+    flush: Mutex<FlushState>,
+    data_dirty: AtomicBool,
+    opts: PoolOptions,
+}
+
+/// A pool of thin volumes in one directory (or any [`Medium`]).
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// Which state of a volume a handle reads.
+#[derive(Clone)]
+enum View {
+    Head,
+    Snapshot { epoch: u32, name: String },
+}
+
+/// An open volume: the read-write head or a read-only snapshot. Cheap to
+/// clone; every method is thread-safe and blocking.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+    cell: Arc<VolCell>,
+    view: View,
+}
+
+impl Pool {
+    /// Opens the pool in `dir`, creating it when missing.
+    pub fn open(dir: impl AsRef<Path>, opts: PoolOptions) -> Result<Arc<Pool>> {
+        let dir = dir.as_ref();
+        let m = DirMedium::new(dir)
+            .map_err(|e| Error::io(format!("cannot create data directory {}", dir.display()), e))?;
+        Self::open_medium(Arc::new(m), opts)
+    }
+
+    /// Opens a pool on any medium (tests use [`crate::MemMedium`]).
+    pub fn open_medium(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {
+        let lock = medium.lock().map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::new(
+                    ErrorKind::Locked,
+                    format!(
+                        "the pool at {} is in use by another process (stop the other snapgate first)",
+                        medium.describe()
+                    ),
+                )
+            } else {
+                Error::io(format!("cannot lock the pool at {}", medium.describe()), e)
+            }
+        })?;
+        let data = medium
+            .open(DATA_FILE, true)
+            .map_err(|e| Error::io("cannot open the data file", e))?;
+        let mut vols = Vols {
+            next_id: 1,
+            ..Default::default()
+        };
+        let mut journal_id = 1;
+        let mut seq = 0;
+        if medium.exists(CHECKPOINT) {
+            let (jid, s) = load_checkpoint(&*medium, &mut vols)?;
+            journal_id = jid;
+            seq = s;
+        }
+        let last_jid = replay_journals(&*medium, &*data, journal_id, &mut vols, &mut seq)?;
+
+        let mut used = Vec::new();
+        for cell in vols.by_id.values() {
+            for l in cell.st.read().map.values() {
+                if let Loc::Data { slot, .. } = l {
+                    used.push(*slot);
+                }
+            }
+        }
+        used.sort_unstable();
+        used.dedup();
+        let file_slots = data.len().map_err(|e| Error::io("cannot stat the data file", e))? / B;
+        let high = file_slots.max(used.last().map(|s| s + 1).unwrap_or(0));
+        let alloc = Alloc::rebuild(&used, high);
+
+        // Start a new journal after a fresh checkpoint, so a torn tail of the
+        // old journal is never appended to.
+        let jfile = medium
+            .open(&journal_name(last_jid), true)
+            .map_err(|e| Error::io("cannot open the journal", e))?;
+        let jpos = jfile.len().map_err(|e| Error::io("cannot stat the journal", e))?;
+        let inner = Arc::new(Inner {
+            medium,
+            _lock: lock,
+            data,
+            vols: RwLock::new(vols),
+            journal: Mutex::new(Journal {
+                file: jfile,
+                id: last_jid,
+                pos: jpos,
+                seq,
+                buf: Vec::new(),
+            }),
+            alloc: Mutex::new(alloc),
+            reuse: RwLock::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            flush: Mutex::new(FlushState { durable_upto: seq }),
+            data_dirty: AtomicBool::new(false),
+            opts,
+        });
+        {
+            let mut fs = inner.flush.lock();
+            inner.checkpoint(&mut fs)?;
+        }
+        // Punch the space of slots nothing references (freed before a crash).
+        inner.punch_free_space();
+        Ok(Arc::new(Pool { inner }))
+    }
+
+    fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
+        self.inner.cell(name)
+    }
+
+    /// Creates a thin volume.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        validate_name("volume", name)?;
+        validate_size(size)?;
+        let mut vols = self.inner.vols.write();
+        if vols.by_name.contains_key(name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {name:?} already exists"),
+            ));
+        }
+        let id = vols.next_id;
+        let rec = Record::VolumeCreate {
+            id,
+            size,
+            created_ms: now_ms(),
+            name: name.to_string(),
+        };
+        let seq = self.inner.journal.lock().append(&rec)?;
+        apply_vol_record(&mut vols, &rec);
+        drop(vols);
+        self.inner.flush_upto(seq)?;
+        self.volume_info(name)
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let vols = self.inner.vols.read();
+        let mut out: Vec<VolumeInfo> = vols.by_name.values().map(|c| info_of(c)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// One volume.
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        Ok(info_of(&*self.cell(name)?))
+    }
+
+    /// Changes a volume's virtual size. Shrinking drops the data past the
+    /// new end from the head (snapshots keep it) and needs `allow_shrink`.
+    pub fn resize_volume(&self, name: &str, size: u64, allow_shrink: bool) -> Result<VolumeInfo> {
+        validate_size(size)?;
+        let cell = self.cell(name)?;
+        let old = cell.st.read().size;
+        if size < old {
+            if !allow_shrink {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "volume {name:?} is {old} bytes; shrinking to {size} discards data, ask for it explicitly"
+                    ),
+                ));
+            }
+            let vol = self.open_head(name)?;
+            vol.trim(size, old - size, false)?;
+        }
+        let seq = {
+            let mut st = cell.st.write();
+            if st.deleted {
+                return Err(deleted(name));
+            }
+            let seq = self.inner.journal.lock().append(&Record::VolumeResize {
+                id: cell.id,
+                size,
+            })?;
+            st.size = size;
+            seq
+        };
+        self.inner.flush_upto(seq)?;
+        self.volume_info(name)
+    }
+
+    /// Deletes a volume with all its snapshots.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let mut vols = self.inner.vols.write();
+        let cell = vols.by_name.get(name).cloned().ok_or_else(|| not_found_vol(name))?;
+        let mut st = cell.st.write();
+        let rec = Record::VolumeDelete { id: cell.id };
+        let seq = self.inner.journal.lock().append(&rec)?;
+        vols.by_name.remove(name);
+        vols.by_id.remove(&cell.id);
+        st.deleted = true;
+        let map = std::mem::take(&mut st.map);
+        st.snaps.clear();
+        st.data_entries = 0;
+        drop(st);
+        drop(vols);
+        {
+            let mut a = self.inner.alloc.lock();
+            for l in map.values() {
+                if let Loc::Data { slot, .. } = l {
+                    a.defer(seq, *slot);
+                }
+            }
+        }
+        self.inner.flush_upto(seq)
+    }
+
+    /// Takes a snapshot of the head: O(1), no data is copied.
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
+        validate_name("snapshot", name)?;
+        let cell = self.cell(volume)?;
+        let (seq, info) = {
+            let mut st = cell.st.write();
+            if st.deleted {
+                return Err(deleted(volume));
+            }
+            if st.snap_by_name(name).is_some() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("snapshot {volume}@{name} already exists"),
+                ));
+            }
+            if st.epoch == u32::MAX {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("volume {volume:?} has used up its snapshot numbers"),
+                ));
+            }
+            let created_ms = now_ms();
+            let rec = Record::SnapshotCreate {
+                vol: cell.id,
+                epoch: st.epoch,
+                size: st.size,
+                created_ms,
+                name: name.to_string(),
+            };
+            let seq = self.inner.journal.lock().append(&rec)?;
+            let (e, size) = (st.epoch, st.size);
+            st.snaps.insert(
+                e,
+                Snap {
+                    name: name.to_string(),
+                    size,
+                    created_ms,
+                },
+            );
+            st.epoch += 1;
+            (
+                seq,
+                SnapshotInfo {
+                    name: name.to_string(),
+                    volume: volume.to_string(),
+                    size: st.size,
+                    created_ms,
+                },
+            )
+        };
+        self.inner.flush_upto(seq)?;
+        Ok(info)
+    }
+
+    /// The snapshots of a volume, oldest first.
+    pub fn snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        let cell = self.cell(volume)?;
+        let st = cell.st.read();
+        Ok(st
+            .snaps
+            .values()
+            .map(|s| SnapshotInfo {
+                name: s.name.clone(),
+                volume: volume.to_string(),
+                size: s.size,
+                created_ms: s.created_ms,
+            })
+            .collect())
+    }
+
+    /// Deletes a snapshot; blocks only it referenced become free.
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<()> {
+        let cell = self.cell(volume)?;
+        let seq = {
+            let mut st = cell.st.write();
+            let epoch = st
+                .snap_by_name(name)
+                .ok_or_else(|| not_found_snap(volume, name))?;
+            let drops = st.gc_for_delete(epoch);
+            let mut j = self.inner.journal.lock();
+            j.append(&Record::SnapshotDelete {
+                vol: cell.id,
+                epoch,
+            })?;
+            let seq = j.append(&Record::Drops {
+                vol: cell.id,
+                items: drops.clone(),
+            })?;
+            drop(j);
+            st.snaps.remove(&epoch);
+            let mut freed = Vec::new();
+            st.apply_drops(&drops, &mut freed);
+            drop(st);
+            let mut a = self.inner.alloc.lock();
+            for s in freed {
+                a.defer(seq, s);
+            }
+            seq
+        };
+        self.inner.flush_upto(seq)
+    }
+
+    /// Opens the read-write head of a volume.
+    pub fn open_head(&self, volume: &str) -> Result<Volume> {
+        Ok(Volume {
+            inner: self.inner.clone(),
+            cell: self.cell(volume)?,
+            view: View::Head,
+        })
+    }
+
+    /// Opens a snapshot read-only.
+    pub fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        let cell = self.cell(volume)?;
+        let epoch = cell
+            .st
+            .read()
+            .snap_by_name(snapshot)
+            .ok_or_else(|| not_found_snap(volume, snapshot))?;
+        Ok(Volume {
+            inner: self.inner.clone(),
+            cell,
+            view: View::Snapshot {
+                epoch,
+                name: snapshot.to_string(),
+            },
+        })
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush_all()
+    }
+
+    /// Reads every stored block of every volume and snapshot and checks its
+    /// checksum.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let cells: Vec<Arc<VolCell>> = {
+            let v = self.inner.vols.read();
+            let mut c: Vec<_> = v.by_id.values().cloned().collect();
+            c.sort_by_key(|c| c.id);
+            c
+        };
+        let mut report = VerifyReport {
+            blocks_checked: 0,
+            damaged: Vec::new(),
+        };
+        let mut buf = vec![0u8; BLOCK];
+        for cell in cells {
+            let st = cell.st.read();
+            let _g = self.inner.reuse.read();
+            let entries: Vec<_> = st.map.iter().map(|(k, v)| (*k, *v)).collect();
+            for (i, &((b, t), l)) in entries.iter().enumerate() {
+                let Loc::Data { slot, crc } = l else {
+                    continue;
+                };
+                report.blocks_checked += 1;
+                let ok = match self.inner.data.read_at(&mut buf, slot * B) {
+                    Ok(()) => format::block_crc(&buf) == crc,
+                    Err(_) => false,
+                };
+                if ok {
+                    continue;
+                }
+                let newest = entries.get(i + 1).is_none_or(|((b2, _), _)| *b2 != b);
+                let snapshot = st.snaps.range(t..).next().map(|(_, s)| s.name.clone());
+                report.damaged.push(Damage {
+                    volume: cell.name.clone(),
+                    snapshot: if newest { None } else { snapshot.clone() },
+                    offset: b * B,
+                    what: format!(
+                        "checksum mismatch in data slot {slot}{}",
+                        match (&snapshot, newest) {
+                            (Some(s), false) => format!(" (seen by snapshot {s})"),
+                            (Some(s), true) => format!(" (head, and snapshot {s})"),
+                            _ => String::new(),
+                        }
+                    ),
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Counters for tests and metrics.
+    pub fn stats(&self) -> PoolStats {
+        let a = self.inner.alloc.lock();
+        let j = self.inner.journal.lock();
+        PoolStats {
+            data_slots_high: a.high,
+            free_slots: a.free_slots(),
+            pending_slots: a.pending_slots() as u64,
+            journal_bytes: j.pos,
+        }
+    }
+}
+
+/// Allocation counters of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    /// Slots ever handed out (the data file's extent, in blocks).
+    pub data_slots_high: u64,
+    /// Free slots below the high-water mark.
+    pub free_slots: u64,
+    /// Slots waiting for a flush before reuse.
+    pub pending_slots: u64,
+    /// Bytes in the current journal.
+    pub journal_bytes: u64,
+}
+
+fn info_of(c: &VolCell) -> VolumeInfo {
+    let st = c.st.read();
+    VolumeInfo {
+        name: c.name.clone(),
+        size: st.size,
+        created_ms: st.created_ms,
+        allocated_bytes: st.data_entries * B,
+        snapshots: st.snaps.len(),
+    }
+}
+
+fn not_found_vol(name: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no volume named {name:?}"))
+}
+
+fn not_found_snap(vol: &str, name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("volume {vol:?} has no snapshot named {name:?}"),
+    )
+}
+
+fn deleted(name: &str) -> Error {
+    Error::new(ErrorKind::Deleted, format!("{name} was deleted"))
+}
+
+fn apply_vol_record(vols: &mut Vols, rec: &Record) {
+    if let Record::VolumeCreate {
+        id,
+        size,
+        created_ms,
+        name,
+    } = rec
+    {
+        let cell = Arc::new(VolCell {
+            id: *id,
+            name: name.clone(),
+            st: RwLock::new(VolState {
+                size: *size,
+                created_ms: *created_ms,
+                epoch: 0,
+                snaps: BTreeMap::new(),
+                map: BTreeMap::new(),
+                data_entries: 0,
+                deleted: false,
+            }),
+        });
+        vols.by_name.insert(name.clone(), cell.clone());
+        vols.by_id.insert(*id, cell);
+        vols.next_id = vols.next_id.max(id + 1);
+    }
+}
+
+/// Reads frames from a whole file. Returns the frames and whether the file
+/// ended cleanly (false: damaged or torn bytes at `offset`).
+fn read_frames(file: &dyn MediumFile) -> Result<(Vec<(u64, Record)>, Option<u64>)> {
+    let len = file.len().map_err(|e| Error::io("cannot stat metadata file", e))? as usize;
+    let mut bytes = vec![0u8; len];
+    file.read_at(&mut bytes, 0)
+        .map_err(|e| Error::io("cannot read metadata file", e))?;
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < len {
+        match decode_frame(&bytes[pos..]) {
+            Decoded::Frame { seq, record, used } => {
+                out.push((seq, record));
+                pos += used;
+            }
+            Decoded::Short | Decoded::Invalid => {
+                // Zeros after the last frame are a clean end (preallocation).
+                if bytes[pos..].iter().all(|&b| b == 0) {
+                    return Ok((out, None));
+                }
+                return Ok((out, Some(pos as u64)));
+            }
+        }
+    }
+    Ok((out, None))
+}
+
+fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
+    let f = medium
+        .open(CHECKPOINT, false)
+        .map_err(|e| Error::io("cannot open the checkpoint", e))?;
+    let (frames, bad) = read_frames(&*f)?;
+    let damaged = |what: String| {
+        Error::corrupt(format!(
+            "metadata checkpoint in {} is damaged: {what}",
+            medium.describe()
+        ))
+    };
+    if let Some(off) = bad {
+        return Err(damaged(format!("invalid frame at byte {off}")));
+    }
+    let Some((_, Record::CheckpointBegin {
+        journal_id,
+        next_vol_id,
+        seq,
+    })) = frames.first().cloned()
+    else {
+        return Err(damaged("no begin record".into()));
+    };
+    match frames.last() {
+        Some((_, Record::CheckpointEnd { journal_id: j, frames: n }))
+            if *j == journal_id && *n == frames.len() as u64 => {}
+        _ => return Err(damaged("truncated (no matching end record)".into())),
+    }
+    vols.next_id = next_vol_id;
+    for (_, rec) in &frames[1..frames.len() - 1] {
+        match rec {
+            Record::CheckpointVolume {
+                id,
+                size,
+                created_ms,
+                epoch,
+                name,
+            } => {
+                apply_vol_record(
+                    vols,
+                    &Record::VolumeCreate {
+                        id: *id,
+                        size: *size,
+                        created_ms: *created_ms,
+                        name: name.clone(),
+                    },
+                );
+                vols.by_id[id].st.write().epoch = *epoch;
+            }
+            Record::SnapshotCreate {
+                vol,
+                epoch,
+                size,
+                created_ms,
+                name,
+            } => {
+                let cell = vols
+                    .by_id
+                    .get(vol)
+                    .ok_or_else(|| damaged(format!("snapshot of unknown volume {vol}")))?;
+                cell.st.write().snaps.insert(
+                    *epoch,
+                    Snap {
+                        name: name.clone(),
+                        size: *size,
+                        created_ms: *created_ms,
+                    },
+                );
+            }
+            Record::CheckpointEntries { vol, entries } => {
+                let cell = vols
+                    .by_id
+                    .get(vol)
+                    .ok_or_else(|| damaged(format!("entries of unknown volume {vol}")))?;
+                let mut st = cell.st.write();
+                for &(b, t, l) in entries {
+                    if let Loc::Data { .. } = l {
+                        st.data_entries += 1;
+                    }
+                    st.map.insert((b, t), l);
+                }
+            }
+            other => return Err(damaged(format!("unexpected record {other:?}"))),
+        }
+    }
+    Ok((journal_id, seq))
+}
+
+/// Replays journal files from `first` on; returns the id of the journal to
+/// continue with (a new one).
+fn replay_journals(
+    medium: &dyn Medium,
+    data: &dyn MediumFile,
+    first: u64,
+    vols: &mut Vols,
+    seq: &mut u64,
+) -> Result<u64> {
+    let mut ids: Vec<u64> = medium
+        .list()
+        .map_err(|e| Error::io("cannot list the data directory", e))?
+        .iter()
+        .filter_map(|n| n.strip_prefix("journal.")?.parse().ok())
+        .filter(|&id| id >= first)
+        .collect();
+    ids.sort_unstable();
+    let mut frames = Vec::new();
+    let mut expect = first;
+    for id in &ids {
+        if *id != expect {
+            break;
+        }
+        expect += 1;
+        let f = medium
+            .open(&journal_name(*id), false)
+            .map_err(|e| Error::io("cannot open a journal", e))?;
+        let (fr, bad) = read_frames(&*f)?;
+        match fr.first() {
+            Some((_, Record::JournalHeader { journal_id })) if journal_id == id => {}
+            // A journal whose header never became durable holds nothing durable.
+            _ => break,
+        }
+        let torn = bad.is_some();
+        frames.extend(fr.into_iter().skip(1));
+        if torn {
+            // Nothing after a torn frame was acknowledged as durable.
+            break;
+        }
+    }
+    let synced = frames
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Record::Sync { upto } => Some(*upto),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+        .max(*seq);
+    let mut buf = vec![0u8; BLOCK];
+    let mut freed = Vec::new();
+    for (s, rec) in frames {
+        if s <= *seq {
+            continue;
+        }
+        *seq = s;
+        match rec {
+            Record::VolumeCreate { .. } => apply_vol_record(vols, &rec),
+            Record::VolumeResize { id, size } => {
+                if let Some(c) = vols.by_id.get(&id) {
+                    c.st.write().size = size;
+                }
+            }
+            Record::VolumeDelete { id } => {
+                if let Some(c) = vols.by_id.remove(&id) {
+                    vols.by_name.remove(&c.name);
+                }
+            }
+            Record::SnapshotCreate {
+                vol,
+                epoch,
+                size,
+                created_ms,
+                name,
+            } => {
+                if let Some(c) = vols.by_id.get(&vol) {
+                    let mut st = c.st.write();
+                    st.snaps.insert(
+                        epoch,
+                        Snap {
+                            name,
+                            size,
+                            created_ms,
+                        },
+                    );
+                    st.epoch = epoch + 1;
+                }
+            }
+            Record::SnapshotDelete { vol, epoch } => {
+                if let Some(c) = vols.by_id.get(&vol) {
+                    c.st.write().snaps.remove(&epoch);
+                }
+            }
+            Record::Update {
+                vol,
+                birth,
+                mut items,
+            } => {
+                let Some(c) = vols.by_id.get(&vol) else {
+                    continue;
+                };
+                if s > synced {
+                    // Not covered by a flush: keep only items whose data made
+                    // it to the medium.
+                    items.retain(|it| match it.set {
+                        Some(Loc::Data { slot, crc }) => {
+                            data.read_at(&mut buf, slot * B).is_ok()
+                                && format::block_crc(&buf) == crc
+                        }
+                        _ => true,
+                    });
+                }
+                c.st.write().apply_update(birth, &items, &mut freed);
+            }
+            Record::Drops { vol, items } => {
+                if let Some(c) = vols.by_id.get(&vol) {
+                    c.st.write().apply_drops(&items, &mut freed);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(expect)
+}
+
+impl Inner {
+    fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
+        self.vols
+            .read()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found_vol(name))
+    }
+
+    fn flush_all(&self) -> Result<()> {
+        let target = self.journal.lock().seq;
+        self.flush_upto(target)
+    }
+
+    /// Makes every record up to `target` and the data it points to durable.
+    fn flush_upto(&self, target: u64) -> Result<()> {
+        let mut fs = self.flush.lock();
+        if fs.durable_upto >= target {
+            return Ok(());
+        }
+        // Capture before syncing data: every record ≤ upto had its data
+        // written before it was appended, so before this point.
+        let upto = self.journal.lock().seq;
+        if self.data_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.data.sync_data() {
+                self.data_dirty.store(true, Ordering::Release);
+                return Err(Error::io("cannot sync the data file", e));
+            }
+        }
+        let file = {
+            let mut j = self.journal.lock();
+            j.append(&Record::Sync { upto })?;
+            j.file.clone()
+        };
+        file.sync_data()
+            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
+        fs.durable_upto = upto;
+        let big = self.journal.lock().pos > self.opts.journal_limit;
+        if big {
+            self.checkpoint(&mut fs)?;
+        }
+        drop(fs);
+        self.release_durable(upto);
+        Ok(())
+    }
+
+    /// Frees slots whose dropping records are durable.
+    fn release_durable(&self, upto: u64) {
+        let ranges = self.alloc.lock().take_durable(upto);
+        if ranges.is_empty() {
+            return;
+        }
+        // Wait out readers that may have located these slots before the drop.
+        drop(self.reuse.write());
+        for &(s, l) in &ranges {
+            if let Err(e) = self.data.punch_hole(s * B, l * B) {
+                tracing::warn!(error = %e, "cannot punch freed space in the data file");
+            }
+        }
+        self.alloc.lock().release(&ranges);
+    }
+
+    /// Punches the space of every slot nothing references (slots freed
+    /// before a crash never got punched).
+    fn punch_free_space(&self) {
+        let high = self.alloc.lock().high;
+        let cells: Vec<_> = self.vols.read().by_id.values().cloned().collect();
+        let mut used = Vec::new();
+        for c in cells {
+            for l in c.st.read().map.values() {
+                if let Loc::Data { slot, .. } = l {
+                    used.push(*slot);
+                }
+            }
+        }
+        used.sort_unstable();
+        used.dedup();
+        let mut next = 0;
+        let mut ranges = Vec::new();
+        for s in used {
+            if s > next {
+                ranges.push((next, s - next));
+            }
+            next = s + 1;
+        }
+        if high > next {
+            ranges.push((next, high - next));
+        }
+        for (s, l) in ranges {
+            if let Err(e) = self.data.punch_hole(s * B, l * B) {
+                tracing::warn!(error = %e, "cannot punch free space in the data file");
+            }
+        }
+    }
+
+    /// Writes the whole metadata state as a new checkpoint and switches to a
+    /// new journal. Called with the flush lock held.
+    fn checkpoint(&self, fs: &mut FlushState) -> Result<()> {
+        let vols = self.vols.write();
+        let mut cells: Vec<Arc<VolCell>> = vols.by_id.values().cloned().collect();
+        cells.sort_by_key(|c| c.id);
+        let guards: Vec<_> = cells.iter().map(|c| c.st.write()).collect();
+        let mut j = self.journal.lock();
+        let seq = j.seq;
+        let new_id = j.id + 1;
+        let mut recs = vec![Record::CheckpointBegin {
+            journal_id: new_id,
+            next_vol_id: vols.next_id,
+            seq,
+        }];
+        for (c, st) in cells.iter().zip(&guards) {
+            recs.push(Record::CheckpointVolume {
+                id: c.id,
+                size: st.size,
+                created_ms: st.created_ms,
+                epoch: st.epoch,
+                name: c.name.clone(),
+            });
+            for (e, s) in &st.snaps {
+                recs.push(Record::SnapshotCreate {
+                    vol: c.id,
+                    epoch: *e,
+                    size: s.size,
+                    created_ms: s.created_ms,
+                    name: s.name.clone(),
+                });
+            }
+            let mut chunk = Vec::with_capacity(CKPT_CHUNK);
+            for (&(b, t), &l) in &st.map {
+                chunk.push((b, t, l));
+                if chunk.len() == CKPT_CHUNK {
+                    recs.push(Record::CheckpointEntries {
+                        vol: c.id,
+                        entries: std::mem::take(&mut chunk),
+                    });
+                }
+            }
+            if !chunk.is_empty() {
+                recs.push(Record::CheckpointEntries {
+                    vol: c.id,
+                    entries: chunk,
+                });
+            }
+        }
+        let n = recs.len() as u64 + 1;
+        recs.push(Record::CheckpointEnd {
+            journal_id: new_id,
+            frames: n,
+        });
+        let mut bytes = Vec::new();
+        for r in &recs {
+            r.encode_frame(seq, &mut bytes);
+        }
+        drop(recs);
+        // The new journal must exist durably before anything relies on it.
+        let name = journal_name(new_id);
+        self.medium
+            .remove(&name)
+            .map_err(|e| Error::io("cannot reset a journal", e))?;
+        let nf = self
+            .medium
+            .open(&name, true)
+            .map_err(|e| Error::io("cannot create a journal", e))?;
+        let mut head = Vec::new();
+        Record::JournalHeader { journal_id: new_id }.encode_frame(seq, &mut head);
+        nf.write_at(&head, 0)
+            .and_then(|_| nf.sync_data())
+            .and_then(|_| self.medium.sync_dir())
+            .map_err(|e| Error::io("cannot create a journal", e))?;
+        // Records appended since the last flush must not be lost behind
+        // durable records of the new journal.
+        j.file
+            .sync_data()
+            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
+        let old_id = j.id;
+        j.file = nf;
+        j.id = new_id;
+        j.pos = head.len() as u64;
+        drop(j);
+        drop(guards);
+        drop(vols);
+
+        // Entries in the checkpoint may point at data not yet synced.
+        self.data_dirty.store(false, Ordering::Release);
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io("cannot sync the data file", e))?;
+        let tmp = self
+            .medium
+            .open(CHECKPOINT_TMP, true)
+            .map_err(|e| Error::io("cannot write a checkpoint", e))?;
+        tmp.set_len(0)
+            .and_then(|_| tmp.write_at(&bytes, 0))
+            .and_then(|_| tmp.sync_data())
+            .and_then(|_| self.medium.rename(CHECKPOINT_TMP, CHECKPOINT))
+            .and_then(|_| self.medium.sync_dir())
+            .map_err(|e| Error::io("cannot write a checkpoint", e))?;
+        for name in self.medium.list().unwrap_or_default() {
+            if let Some(id) = name.strip_prefix("journal.").and_then(|s| s.parse::<u64>().ok()) {
+                if id <= old_id {
+                    let _ = self.medium.remove(&name);
+                }
+            }
+        }
+        fs.durable_upto = fs.durable_upto.max(seq);
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+        // the aligned middle part of the slice.
+        b.align_to::<u64>()
+    };
+    pre.iter().all(|&x| x == 0)
+        && post.iter().all(|&x| x == 0)
+        && mid.iter().fold(0u64, |a, &x| a | x) == 0
+}
+
+impl Volume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.cell.name
+    }
+
+    /// The snapshot this handle reads, or `None` for the head.
+    pub fn snapshot(&self) -> Option<&str> {
+        match &self.view {
+            View::Head => None,
+            View::Snapshot { name, .. } => Some(name),
+        }
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        matches!(self.view, View::Snapshot { .. })
+    }
+
+    fn label(&self) -> String {
+        match &self.view {
+            View::Head => self.cell.name.clone(),
+            View::Snapshot { name, .. } => format!("{}@{}", self.cell.name, name),
+        }
+    }
+
+    /// Virtual size in bytes (0 once deleted).
+    pub fn size(&self) -> u64 {
+        let st = self.cell.st.read();
+        match &self.view {
+            View::Head => st.size,
+            View::Snapshot { epoch, .. } => st.snaps.get(epoch).map(|s| s.size).unwrap_or(0),
+        }
+    }
+
+    /// The view's epoch limit and size; errors when deleted.
+    fn view_of(&self, st: &VolState) -> Result<(u32, u64)> {
+        if st.deleted {
+            return Err(deleted(&self.label()));
+        }
+        match &self.view {
+            View::Head => Ok((u32::MAX, st.size)),
+            View::Snapshot { epoch, .. } => st
+                .snaps
+                .get(epoch)
+                .map(|s| (*epoch, s.size))
+                .ok_or_else(|| deleted(&self.label())),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64, size: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{}: range {offset}+{len} is past the end ({size} bytes)",
+                    self.label()
+                ),
+            )),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Every stored block is checked
+    /// against its checksum; a mismatch is an error, never data.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / B;
+        let st = self.cell.st.read();
+        let (limit, size) = self.view_of(&st)?;
+        self.check_range(offset, buf.len() as u64, size)?;
+        let last = (offset + buf.len() as u64 - 1) / B;
+        let locs = st.locate(first, (last - first + 1) as usize, limit);
+        let _reading = self.inner.reuse.read();
+        drop(st);
+        let mut tmp: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < locs.len() {
+            let b = first + i as u64;
+            let bstart = b * B;
+            // Portion of buf this block covers.
+            let lo = bstart.max(offset);
+            let hi = (bstart + B).min(offset + buf.len() as u64);
+            let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            match locs[i] {
+                Loc::Hole | Loc::Zero => {
+                    out.fill(0);
+                    i += 1;
+                }
+                Loc::Data { slot, .. } if lo == bstart && hi == bstart + B => {
+                    // A run of whole blocks in consecutive slots: one read
+                    // straight into the caller's buffer.
+                    let mut n = 1;
+                    while i + n < locs.len() {
+                        let nb = bstart + n as u64 * B;
+                        match locs[i + n] {
+                            Loc::Data { slot: s2, .. }
+                                if s2 == slot + n as u64
+                                    && nb + B <= offset + buf.len() as u64 =>
+                            {
+                                n += 1
+                            }
+                            _ => break,
+                        }
+                    }
+                    let start = (bstart - offset) as usize;
+                    let dst = &mut buf[start..start + n * BLOCK];
+                    self.inner
+                        .data
+                        .read_at(dst, slot * B)
+                        .map_err(|e| Error::io(format!("{}: read failed", self.label()), e))?;
+                    for k in 0..n {
+                        if let Loc::Data { crc, .. } = locs[i + k] {
+                            self.check_crc(&dst[k * BLOCK..(k + 1) * BLOCK], crc, bstart + k as u64 * B)?;
+                        }
+                    }
+                    i += n;
+                }
+                Loc::Data { slot, crc } => {
+                    tmp.resize(BLOCK, 0);
+                    self.inner
+                        .data
+                        .read_at(&mut tmp, slot * B)
+                        .map_err(|e| Error::io(format!("{}: read failed", self.label()), e))?;
+                    self.check_crc(&tmp, crc, bstart)?;
+                    out.copy_from_slice(&tmp[(lo - bstart) as usize..(hi - bstart) as usize]);
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_crc(&self, data: &[u8], crc: u32, offset: u64) -> Result<()> {
+        if format::block_crc(data) == crc {
+            return Ok(());
+        }
+        tracing::error!(volume = %self.label(), offset, "checksum mismatch: stored block is damaged");
+        Err(Error::corrupt(format!(
+            "{}: block at offset {offset} is damaged (checksum mismatch)",
+            self.label()
+        )))
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only() {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is a read-only snapshot", self.label()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable on return.
+    pub fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.writable()?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        {
+            let st = self.cell.st.read();
+            let (_, size) = self.view_of(&st)?;
+            self.check_range(offset, data.len() as u64, size)?;
+        }
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        let mut seq = 0;
+        while pos < end {
+            let b = pos / B;
+            let bstart = b * B;
+            if pos == bstart && end >= bstart + B {
+                // The whole-block middle part.
+                let nblocks = (end - pos) / B;
+                let from = (pos - offset) as usize;
+                seq = self.write_blocks(b, &data[from..from + nblocks as usize * BLOCK], false)?;
+                pos += nblocks * B;
+            } else {
+                let hi = (bstart + B).min(end);
+                let from = (pos - offset) as usize;
+                seq = self.patch_block(b, (pos - bstart) as usize, Some(&data[from..from + (hi - pos) as usize]), hi - pos, false)?;
+                pos = hi;
+            }
+        }
+        if fua {
+            self.inner.flush_upto(seq)?;
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write of part of one block (`data` None: zeros).
+    fn patch_block(&self, b: u64, at: usize, data: Option<&[u8]>, len: u64, trim: bool) -> Result<u64> {
+        let stripe = (b as usize ^ (self.cell.id as usize).wrapping_mul(0x9e37_79b9)) % STRIPES;
+        let _g = self.inner.stripes[stripe].lock();
+        let mut blk = vec![0u8; BLOCK];
+        {
+            let st = self.cell.st.read();
+            let (_, size) = self.view_of(&st)?;
+            drop(st);
+            // The block may reach past a size that is not block-aligned.
+            let valid = (size - b * B).min(B) as usize;
+            self.read_at(&mut blk[..valid], b * B)?;
+        }
+        match data {
+            Some(d) => blk[at..at + d.len()].copy_from_slice(d),
+            None => blk[at..at + len as usize].fill(0),
+        }
+        self.write_blocks(b, &blk, trim)
+    }
+
+    /// Writes whole blocks; returns the journal sequence number of the record.
+    fn write_blocks(&self, first: u64, data: &[u8], zero_is_hole: bool) -> Result<u64> {
+        let n = data.len() / BLOCK;
+        let mut locs: Vec<Loc> = Vec::with_capacity(n);
+        let mut need = 0u64;
+        for c in data.chunks_exact(BLOCK) {
+            if is_zero(c) {
+                locs.push(if zero_is_hole { Loc::Hole } else { Loc::Zero });
+            } else {
+                need += 1;
+                locs.push(Loc::Data { slot: 0, crc: format::block_crc(c) });
+            }
+        }
+        let runs = if need > 0 {
+            self.inner.alloc.lock().alloc(need)
+        } else {
+            Vec::new()
+        };
+        // Assign slots and write the data, one pwrite per run of slots that
+        // maps consecutive data blocks.
+        let mut slots = runs.iter().flat_map(|&(s, l)| s..s + l);
+        for l in locs.iter_mut() {
+            if let Loc::Data { slot, .. } = l {
+                *slot = slots.next().expect("allocator returned enough slots");
+            }
+        }
+        let res = self.write_slots(data, &locs);
+        if let Err(e) = res {
+            self.give_back(&locs);
+            return Err(e);
+        }
+        if need > 0 {
+            self.inner.data_dirty.store(true, Ordering::Release);
+        }
+        let mut st = self.cell.st.write();
+        if let Err(e) = self.view_of(&st) {
+            drop(st);
+            self.give_back(&locs);
+            return Err(e);
+        }
+        let items: Vec<UpdateItem> = locs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &l)| st.plan(first + i as u64, l))
+            .collect();
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let rec = Record::Update {
+            vol: self.cell.id,
+            birth: st.epoch,
+            items,
+        };
+        let seq = match self.inner.journal.lock().append(&rec) {
+            Ok(s) => s,
+            Err(e) => {
+                drop(st);
+                self.give_back(&locs);
+                return Err(e);
+            }
+        };
+        let Record::Update { birth, items, .. } = rec else {
+            unreachable!()
+        };
+        let mut freed = Vec::new();
+        st.apply_update(birth, &items, &mut freed);
+        drop(st);
+        if !freed.is_empty() {
+            let mut a = self.inner.alloc.lock();
+            for s in freed {
+                a.defer(seq, s);
+            }
+        }
+        Ok(seq)
+    }
+
+    fn write_slots(&self, data: &[u8], locs: &[Loc]) -> Result<()> {
+        let mut i = 0;
+        while i < locs.len() {
+            let Loc::Data { slot, .. } = locs[i] else {
+                i += 1;
+                continue;
+            };
+            let mut n = 1;
+            while i + n < locs.len() {
+                match locs[i + n] {
+                    Loc::Data { slot: s2, .. } if s2 == slot + n as u64 => n += 1,
+                    _ => break,
+                }
+            }
+            self.inner
+                .data
+                .write_at(&data[i * BLOCK..(i + n) * BLOCK], slot * B)
+                .map_err(|e| Error::io(format!("{}: write failed", self.label()), e))?;
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn give_back(&self, locs: &[Loc]) {
+        let mut a = self.inner.alloc.lock();
+        for l in locs {
+            if let Loc::Data { slot, .. } = l {
+                a.give_back(*slot);
+            }
+        }
+    }
+
+    /// Marks whole blocks of a range with `loc` (Hole or Zero), zeroing the
+    /// partial blocks at its ends.
+    fn unmap(&self, offset: u64, len: u64, loc: Loc, fua: bool) -> Result<()> {
+        self.writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        {
+            let st = self.cell.st.read();
+            let (_, size) = self.view_of(&st)?;
+            self.check_range(offset, len, size)?;
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        let mut seq = 0;
+        let trim = loc == Loc::Hole;
+        while pos < end {
+            let b = pos / B;
+            let bstart = b * B;
+            if pos == bstart && end >= bstart + B {
+                let n = (end - pos) / B;
+                seq = seq.max(self.set_blocks(b, n, loc)?);
+                pos += n * B;
+            } else {
+                let hi = (bstart + B).min(end);
+                seq = seq.max(self.patch_block(b, (pos - bstart) as usize, None, hi - pos, trim)?);
+                pos = hi;
+            }
+        }
+        if fua {
+            self.inner.flush_upto(seq)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `n` blocks from `first` to Hole or Zero, in bounded batches.
+    fn set_blocks(&self, first: u64, n: u64, loc: Loc) -> Result<u64> {
+        let mut seq = 0;
+        let mut b = first;
+        let end = first + n;
+        while b < end {
+            let mut st = self.cell.st.write();
+            self.view_of(&st)?;
+            // Only blocks with entries change: a never-written block already
+            // reads as zeros and takes no space, so even NO_HOLE leaves it be.
+            // Batches bound the time the volume lock is held.
+            let batch_end = end.min(b + 65536);
+            let mut blocks: Vec<u64> = st
+                .map
+                .range((b, 0)..(batch_end, 0))
+                .map(|(&(blk, _), _)| blk)
+                .collect();
+            blocks.dedup();
+            let items: Vec<UpdateItem> = blocks.iter().filter_map(|&blk| st.plan(blk, loc)).collect();
+            if !items.is_empty() {
+                let rec = Record::Update {
+                    vol: self.cell.id,
+                    birth: st.epoch,
+                    items,
+                };
+                let s = self.inner.journal.lock().append(&rec)?;
+                let Record::Update { birth, items, .. } = rec else {
+                    unreachable!()
+                };
+                let mut freed = Vec::new();
+                st.apply_update(birth, &items, &mut freed);
+                drop(st);
+                let mut a = self.inner.alloc.lock();
+                for sl in freed {
+                    a.defer(s, sl);
+                }
+                seq = s;
+            }
+            b = batch_end;
+        }
+        Ok(seq)
+    }
+
+    /// Deallocates a range: it reads as zeros and takes no space.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.unmap(offset, len, Loc::Hole, fua)
+    }
+
+    /// Zeroes a range; deallocates it unless `no_hole`, in which case it
+    /// stays allocated as known zeros (still without using data space).
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<()> {
+        self.unmap(offset, len, if no_hole { Loc::Zero } else { Loc::Hole }, fua)
+    }
+
+    /// Makes every completed write (of any handle) durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush_all()
+    }
+
+    /// Allocation of `[offset, offset+len)` clipped to the size, as
+    /// consecutive extents of data, known zeros and holes.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let st = self.cell.st.read();
+        let (limit, size) = self.view_of(&st)?;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(len).min(size);
+        let first = offset / B;
+        let last = (end - 1) / B;
+        // Walk only the entries present; gaps are holes. Bounded by entries.
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, s: u64, e: u64, kind: ExtentKind| {
+            let s = s.max(offset);
+            let e = e.min(end);
+            if s >= e {
+                return;
+            }
+            match out.last_mut() {
+                Some(x) if x.kind == kind && x.offset + x.length == s => x.length += e - s,
+                _ => out.push(Extent {
+                    offset: s,
+                    length: e - s,
+                    kind,
+                }),
+            }
+        };
+        let mut cursor = first;
+        let mut cur_block: Option<(u64, Loc)> = None;
+        let emit = |out: &mut Vec<Extent>, cursor: &mut u64, blk: u64, l: Loc| {
+            if blk > *cursor {
+                push(out, *cursor * B, blk * B, ExtentKind::Hole);
+            }
+            let kind = match l {
+                Loc::Hole => ExtentKind::Hole,
+                Loc::Zero => ExtentKind::Zero,
+                Loc::Data { .. } => ExtentKind::Data,
+            };
+            push(out, blk * B, (blk + 1) * B, kind);
+            *cursor = blk + 1;
+        };
+        for (&(b, t), &l) in st.map.range((first, 0)..(last + 1, 0)) {
+            if t > limit {
+                continue;
+            }
+            match cur_block {
+                Some((cb, _)) if cb == b => cur_block = Some((b, l)),
+                Some((cb, cl)) => {
+                    emit(&mut out, &mut cursor, cb, cl);
+                    cur_block = Some((b, l));
+                }
+                None => cur_block = Some((b, l)),
+            }
+        }
+        if let Some((cb, cl)) = cur_block {
+            emit(&mut out, &mut cursor, cb, cl);
+        }
+        if cursor <= last {
+            push(&mut out, cursor * B, (last + 1) * B, ExtentKind::Hole);
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("export", &self.label()).finish()
+    }
+}

@@ -1,0 +1,185 @@
+//! Corruption is reported, never returned as data; space comes back after
+//! snapshot deletion; bad input gets typed errors.
+
+use std::os::unix::fs::MetadataExt;
+use store::{ErrorKind, Pool, PoolOptions, BLOCK};
+
+fn pat(b: u64) -> Vec<u8> {
+    (0..BLOCK).map(|i| (b as usize * 7 + i / 64) as u8 | 0x80).collect()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.chunks(BLOCK).position(|c| c == needle).map(|i| i * BLOCK)
+}
+
+#[test]
+fn flipped_data_bytes_are_reported_not_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 1 << 20).unwrap();
+        let h = pool.open_head("v").unwrap();
+        for b in 0..16 {
+            h.write_at(&pat(b), b * BLOCK as u64, false).unwrap();
+        }
+        pool.create_snapshot("v", "s1").unwrap();
+        h.write_at(&pat(100), 0, true).unwrap();
+    }
+    let data_path = dir.path().join("data");
+    let mut bytes = std::fs::read(&data_path).unwrap();
+    let at5 = find(&bytes, &pat(5)).unwrap();
+    let at0 = find(&bytes, &pat(0)).unwrap(); // only the snapshot sees it
+    bytes[at5 + 100] ^= 1;
+    bytes[at0 + 4000] ^= 0x40;
+    std::fs::write(&data_path, &bytes).unwrap();
+
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    let e = h.read_at(&mut buf, 5 * BLOCK as u64).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corruption);
+    assert!(e.to_string().contains("offset 20480"), "{e}");
+    // A read spanning the damage fails as a whole; neighbours read fine.
+    assert!(h.read_at(&mut vec![0u8; 3 * BLOCK], 4 * BLOCK as u64).is_err());
+    h.read_at(&mut buf, 4 * BLOCK as u64).unwrap();
+    assert_eq!(buf, pat(4));
+    h.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, pat(100));
+    let s = pool.open_snapshot("v", "s1").unwrap();
+    assert_eq!(s.read_at(&mut buf, 0).unwrap_err().kind(), ErrorKind::Corruption);
+    s.read_at(&mut buf, 6 * BLOCK as u64).unwrap();
+    assert_eq!(buf, pat(6));
+
+    let report = pool.verify().unwrap();
+    let mut found: Vec<(Option<String>, u64)> = report
+        .damaged
+        .iter()
+        .map(|d| (d.snapshot.clone(), d.offset))
+        .collect();
+    found.sort();
+    assert_eq!(found, vec![(None, 5 * BLOCK as u64), (Some("s1".into()), 0)]);
+    assert!(report.blocks_checked >= 17);
+
+    // Rewriting a damaged block heals the head.
+    h.write_at(&pat(5), 5 * BLOCK as u64, true).unwrap();
+    h.read_at(&mut buf, 5 * BLOCK as u64).unwrap();
+    assert_eq!(buf, pat(5));
+}
+
+#[test]
+fn flipped_metadata_bytes_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 1 << 20).unwrap();
+        pool.open_head("v").unwrap().write_at(&pat(1), 0, true).unwrap();
+    }
+    let ck = dir.path().join("checkpoint");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&ck, &bytes).unwrap();
+    let e = Pool::open(dir.path(), PoolOptions::default()).err().expect("damaged metadata must not open silently");
+    assert_eq!(e.kind(), ErrorKind::Corruption);
+    assert!(e.to_string().contains("checkpoint"), "{e}");
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn space_comes_back_after_snapshot_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 64 << 20).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mb: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let write_all = |tag: u8| {
+        for m in 0..32u64 {
+            let mut d = mb.clone();
+            d[0] = tag;
+            h.write_at(&d, m << 20, false).unwrap();
+        }
+    };
+    write_all(1);
+    pool.create_snapshot("v", "a").unwrap();
+    write_all(2);
+    pool.create_snapshot("v", "b").unwrap();
+    write_all(3);
+    pool.flush().unwrap();
+    let data = dir.path().join("data");
+    let full = allocated(&data);
+    assert!(full >= 96 << 20, "three generations stored: {full}");
+    // Deleting the middle snapshot frees its generation only.
+    pool.delete_snapshot("v", "b").unwrap();
+    pool.flush().unwrap();
+    let after_b = allocated(&data);
+    assert!(after_b <= (64 << 20) + (4 << 20), "after deleting b: {after_b}");
+    let a = pool.open_snapshot("v", "a").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    a.read_at(&mut buf, 7 << 20).unwrap();
+    assert_eq!(buf[0], 1);
+    pool.delete_snapshot("v", "a").unwrap();
+    pool.flush().unwrap();
+    let live = 32u64 << 20;
+    let end = allocated(&data);
+    assert!(end <= live + live / 10 + (64 << 20), "after deleting all: {end}");
+    assert!(end <= live + (4 << 20), "reclaim is exact here: {end}");
+    h.read_at(&mut buf, 31 << 20).unwrap();
+    assert_eq!(buf[0], 3);
+    // Trim gives space back too.
+    h.trim(0, 16 << 20, false).unwrap();
+    pool.flush().unwrap();
+    assert!(allocated(&data) <= (16 << 20) + (4 << 20));
+    // Freed space is reused before the file grows.
+    let high = pool.stats().data_slots_high;
+    write_all(4);
+    pool.flush().unwrap();
+    assert_eq!(pool.stats().data_slots_high, high);
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    for bad in ["", "a/b", "a@b", "x\ny", ".", ".."] {
+        assert_eq!(pool.create_volume(bad, 1 << 20).unwrap_err().kind(), ErrorKind::InvalidName, "{bad:?}");
+    }
+    assert_eq!(pool.create_volume("v", 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(pool.create_volume("v", 1000).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(pool.create_volume("v", 1 << 60).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    pool.create_volume("v", 64 << 40).unwrap();
+    assert_eq!(pool.create_volume("v", 1 << 20).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    let h = pool.open_head("v").unwrap();
+    let mut b = [0u8; 10];
+    assert_eq!(h.read_at(&mut b, (64 << 40) - 5).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(h.write_at(&b, u64::MAX - 3, false).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(h.trim(u64::MAX, 2, false).unwrap_err().kind(), ErrorKind::OutOfRange);
+    h.write_at(b"end", (64 << 40) - 3, true).unwrap();
+    assert_eq!(pool.open_snapshot("v", "nope").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(pool.open_head("nope").unwrap_err().kind(), ErrorKind::NotFound);
+    pool.create_snapshot("v", "s").unwrap();
+    let s = pool.open_snapshot("v", "s").unwrap();
+    assert_eq!(s.write_at(b"x", 0, false).unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(s.trim(0, 4096, false).unwrap_err().kind(), ErrorKind::ReadOnly);
+    // Shrinking needs consent.
+    assert_eq!(pool.resize_volume("v", 1 << 20, false).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    pool.resize_volume("v", 1 << 20, true).unwrap();
+    pool.resize_volume("v", 2 << 20, false).unwrap();
+    // The shrunk-away tail reads as zeros after growing again.
+    let mut t = [1u8; 3];
+    h.read_at(&mut t, (1 << 20) + 5).unwrap();
+    assert_eq!(t, [0; 3]);
+    // The snapshot keeps its own size and data.
+    assert_eq!(s.size(), 64 << 40);
+    s.read_at(&mut t, (64 << 40) - 3).unwrap();
+    assert_eq!(&t, b"end");
+    // A second opener of the same directory is refused.
+    assert_eq!(Pool::open(dir.path(), PoolOptions::default()).err().unwrap().kind(), ErrorKind::Locked);
+    // A deleted snapshot's handle errors instead of reading stale data.
+    pool.delete_snapshot("v", "s").unwrap();
+    assert_eq!(s.read_at(&mut t, 0).unwrap_err().kind(), ErrorKind::Deleted);
+    pool.delete_volume("v").unwrap();
+    assert_eq!(h.read_at(&mut t, 0).unwrap_err().kind(), ErrorKind::Deleted);
+}
