@@ -10,10 +10,61 @@
 
 use std::collections::BTreeMap;
 
+/// A set of slot ranges, merged on insert.
+#[derive(Default)]
+struct Ranges {
+    /// start → length.
+    map: BTreeMap<u64, u64>,
+    total: u64,
+}
+
+impl Ranges {
+    fn insert(&mut self, start: u64, len: u64) {
+        self.total += len;
+        let (mut start, mut len) = (start, len);
+        if let Some((&ps, &pl)) = self.map.range(..start).next_back() {
+            if ps + pl == start {
+                self.map.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(nl) = self.map.remove(&(start + len)) {
+            len += nl;
+        }
+        self.map.insert(start, len);
+    }
+
+    /// Takes up to `n` slots, lowest first, appending runs to `out`;
+    /// returns how many it took.
+    fn take(&mut self, n: u64, out: &mut Vec<(u64, u64)>) -> u64 {
+        let mut got = 0;
+        while got < n {
+            let Some((&start, &len)) = self.map.iter().next() else {
+                break;
+            };
+            self.map.remove(&start);
+            let take = len.min(n - got);
+            if take < len {
+                self.map.insert(start + take, len - take);
+            }
+            out.push((start, take));
+            got += take;
+        }
+        self.total -= got;
+        got
+    }
+}
+
 #[derive(Default)]
 pub struct Alloc {
-    /// start → length of free ranges below `high`.
-    free: BTreeMap<u64, u64>,
+    /// Free slots whose blocks are still allocated in the data file, up to
+    /// `warm_cap`: reusing them overwrites allocated blocks, which keeps
+    /// `fdatasync` cheap; beyond it freed space is punched.
+    warm: Ranges,
+    pub warm_cap: u64,
+    /// Free slots punched out of the data file (or never written).
+    cold: Ranges,
     /// Slots at or above this have never been handed out.
     pub high: u64,
     /// (seq of the dropping record, slot).
@@ -22,67 +73,42 @@ pub struct Alloc {
 
 impl Alloc {
     /// An allocator where `used` (sorted, deduplicated) are taken and
-    /// everything else below `high` is free.
-    pub fn rebuild(used: &[u64], high: u64) -> Alloc {
+    /// everything else below `high` is free (and punched).
+    pub fn rebuild(used: &[u64], high: u64, warm_cap: u64) -> Alloc {
         let mut a = Alloc {
             high,
+            warm_cap,
             ..Default::default()
         };
         let mut next = 0;
         for &s in used {
             if s > next {
-                a.free.insert(next, s - next);
+                a.cold.insert(next, s - next);
             }
             next = s + 1;
         }
         if high > next {
-            a.free.insert(next, high - next);
+            a.cold.insert(next, high - next);
         }
         a
     }
 
-    /// Hands out `n` slots as runs (start, len), lowest free first.
-    pub fn alloc(&mut self, mut n: u64) -> Vec<(u64, u64)> {
+    /// Hands out `n` slots as runs (start, len): warm ones first, then
+    /// punched ones, then new ones at the end of the file.
+    pub fn alloc(&mut self, n: u64) -> Vec<(u64, u64)> {
         let mut runs = Vec::new();
-        while n > 0 {
-            let Some((&start, &len)) = self.free.iter().next() else {
-                break;
-            };
-            self.free.remove(&start);
-            let take = len.min(n);
-            if take < len {
-                self.free.insert(start + take, len - take);
-            }
-            runs.push((start, take));
-            n -= take;
-        }
-        if n > 0 {
-            runs.push((self.high, n));
-            self.high += n;
+        let mut got = self.warm.take(n, &mut runs);
+        got += self.cold.take(n - got, &mut runs);
+        if got < n {
+            runs.push((self.high, n - got));
+            self.high += n - got;
         }
         runs
     }
 
-    /// Gives back slots that were never referenced by a journal record.
+    /// Gives back a slot that no journal record ever referenced.
     pub fn give_back(&mut self, slot: u64) {
-        self.insert_free(slot, 1);
-    }
-
-    fn insert_free(&mut self, start: u64, len: u64) {
-        let mut start = start;
-        let mut len = len;
-        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
-            if ps + pl == start {
-                self.free.remove(&ps);
-                start = ps;
-                len += pl;
-            }
-        }
-        if let Some(&nl) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
-            len += nl;
-        }
-        self.free.insert(start, len);
+        self.warm.insert(slot, 1);
     }
 
     /// Remembers a slot dropped by the record with sequence `seq`.
@@ -91,7 +117,7 @@ impl Alloc {
     }
 
     /// Takes the pending slots whose dropping record is durable (seq ≤ upto),
-    /// as merged ranges; the caller punches them and calls [`Alloc::release`].
+    /// as merged ranges, for [`Alloc::release`].
     pub fn take_durable(&mut self, upto: u64) -> Vec<(u64, u64)> {
         let mut slots: Vec<u64> = Vec::new();
         self.pending.retain(|&(seq, slot)| {
@@ -114,16 +140,33 @@ impl Alloc {
         ranges
     }
 
-    /// Makes ranges from [`Alloc::take_durable`] free for reuse.
-    pub fn release(&mut self, ranges: &[(u64, u64)]) {
+    /// Makes durable-freed ranges reusable: as many as fit stay warm, the
+    /// rest are returned for the caller to punch and hand to
+    /// [`Alloc::release_punched`].
+    pub fn release(&mut self, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let mut punch = Vec::new();
         for &(s, l) in ranges {
-            self.insert_free(s, l);
+            let room = self.warm_cap.saturating_sub(self.warm.total).min(l);
+            if room > 0 {
+                self.warm.insert(s, room);
+            }
+            if room < l {
+                punch.push((s + room, l - room));
+            }
+        }
+        punch
+    }
+
+    /// Makes punched ranges reusable.
+    pub fn release_punched(&mut self, ranges: &[(u64, u64)]) {
+        for &(s, l) in ranges {
+            self.cold.insert(s, l);
         }
     }
 
-    /// Number of free slots below `high` (for statistics).
+    /// Number of free slots below `high`.
     pub fn free_slots(&self) -> u64 {
-        self.free.values().sum()
+        self.warm.total + self.cold.total
     }
 
     /// Number of slots waiting for a durable drop record.
@@ -138,7 +181,8 @@ mod tests {
 
     #[test]
     fn rebuild_alloc_release() {
-        let mut a = Alloc::rebuild(&[1, 2, 5], 8);
+        const WARM_SLOTS: u64 = 100;
+        let mut a = Alloc::rebuild(&[1, 2, 5], 8, WARM_SLOTS);
         assert_eq!(a.free_slots(), 5);
         assert_eq!(a.alloc(2), vec![(0, 1), (3, 1)]);
         assert_eq!(a.alloc(4), vec![(4, 1), (6, 2), (8, 1)]);
@@ -146,10 +190,22 @@ mod tests {
         a.defer(10, 3);
         a.defer(12, 4);
         assert_eq!(a.take_durable(11), vec![(3, 1)]);
-        a.release(&[(3, 1)]);
+        assert!(a.release(&[(3, 1)]).is_empty());
         assert_eq!(a.pending_slots(), 1);
         assert_eq!(a.take_durable(12), vec![(4, 1)]);
-        a.release(&[(4, 1)]);
+        assert!(a.release(&[(4, 1)]).is_empty());
         assert_eq!(a.alloc(3), vec![(3, 2), (9, 1)]);
+        // Past the warm reserve, freed space is handed back for punching.
+        let big = a.alloc(WARM_SLOTS + 10);
+        for &(s, l) in &big {
+            for x in s..s + l {
+                a.defer(20, x);
+            }
+        }
+        let ranges = a.take_durable(20);
+        let punch = a.release(&ranges);
+        assert_eq!(punch.iter().map(|r| r.1).sum::<u64>(), 10);
+        a.release_punched(&punch);
+        assert_eq!(a.free_slots(), WARM_SLOTS + 10);
     }
 }

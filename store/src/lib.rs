@@ -1,6 +1,106 @@
 //! # snapgate store: thin volumes with redirect-on-write snapshots
 //!
-//! PLACEHOLDER-DOC
+//! A pool is one directory holding every volume of a gateway. Volume data
+//! lives in 4 KiB *slots* of one data file; which slot holds which block of
+//! which volume state is the *map*, kept in memory and made durable by an
+//! append-only *journal* that is folded into a *checkpoint* now and then.
+//!
+//! ## Data flow
+//! ```text
+//!  write(vol, off, data)                       read(view, off, len)
+//!    │ split into whole blocks                   │ map lookup under the volume's read lock
+//!    │ (partial blocks: read-modify-write        │ → per block Hole / Zero / Data{slot, crc}
+//!    │  under a stripe lock)                     │ take `reuse` shared, drop the volume lock
+//!    ▼                                           ▼
+//!  allocate slots (alloc lock) ──► pwrite data   pread runs of slots straight into the
+//!    │ (no lock held)                           caller's buffer, check every block's CRC
+//!    ▼
+//!  volume write lock: plan the map change, append one Update record to the
+//!  journal (journal lock), apply it to the map; old slots nobody sees any
+//!  more wait in `pending` until the record is durable
+//! ```
+//!
+//! ## Redirect-on-write map and snapshots
+//! Each volume has an *epoch* counter. A map entry is keyed `(block, birth)`:
+//! the block's content as written in epoch `birth`. The head sees, per block,
+//! the entry with the largest birth; a snapshot taken at epoch `e` sees the
+//! entry with the largest birth ≤ `e`. Taking a snapshot records the current
+//! epoch under the snapshot's name and starts the next epoch: O(1), nothing
+//! is copied, whatever the size of the volume or the data written.
+//!
+//! A head write of a block whose newest entry was born in the current epoch,
+//! or is seen by no live snapshot, replaces that entry (its slot is freed);
+//! otherwise it adds an entry and the old one stays for the snapshots.
+//! Data is never overwritten in place, so no block is ever torn. Deleting a
+//! snapshot drops exactly the entries no remaining view can see (for each
+//! block, entries born after the previous live snapshot and superseded before
+//! the next live one, or the head) — first, middle or last snapshot alike.
+//! Trim and write-zeroes are map-only: `Hole` (deallocated) and `Zero`
+//! (allocated zeros, for NO_HOLE) entries take no data space; all-zero block
+//! writes are stored as `Zero` too. Freed slots are punched out of the data
+//! file (`fallocate(PUNCH_HOLE)`) before reuse, so disk usage follows the
+//! live data.
+//!
+//! ## On-disk format (all integers little-endian)
+//! | file | content |
+//! |---|---|
+//! | `pool.lock` | empty; `flock(LOCK_EX)` keeps a second process out |
+//! | `data` | slot `n` at byte `n × 4096`; holes where slots are free |
+//! | `journal.<id>` | frames, the first a `JournalHeader{id}` |
+//! | `checkpoint` | frames: `CheckpointBegin{journal id, next volume id, seq}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointEntries`… (4096 entries a frame), `CheckpointEnd{journal id, frame count}` |
+//!
+//! A frame:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..4 | payload length `n` (1 ..= 64 MiB) |
+//! | 4..8 | CRC-32 of bytes 8..16+n |
+//! | 8..16 | sequence number (increases across journals) |
+//! | 16..16+n | payload: type byte, then the fields of [`format::Record`] |
+//!
+//! A location is `kind u8 (0 hole, 1 zero, 2 data) | slot u64 | crc32 u32`;
+//! an update item is `block u64 | flags u8 (1 set, 2 drop) | location | drop
+//! birth u32` (26 bytes, so a 4 KiB write costs about 55 bytes of journal).
+//! Every data block's CRC-32 lives in its map entry and is checked on every
+//! read and by [`Pool::verify`]; every metadata frame carries its own CRC.
+//!
+//! ## Durability and recovery
+//! * A completed write has its data `pwrite`n and its journal record
+//!   appended: both are in the page cache, so a killed process loses nothing.
+//! * `flush` notes the last sequence number `s`, `fdatasync`s the data file,
+//!   appends `Sync{upto: s}` and `fdatasync`s the journal. Every record ≤ `s`
+//!   had its data written before it was appended, hence before the data sync:
+//!   record and data are durable together. FUA is a flush up to the write's
+//!   own record. Concurrent flushes share one sync (group commit).
+//! * A freed slot is reused only once the record that freed it is durable
+//!   (before that, a crash could bring the old reference back), and only after
+//!   taking `reuse` exclusively, so no reader still holding the old location
+//!   sees it rewritten.
+//! * Opening replays the checkpoint, then the journals that follow it, up to
+//!   the first torn frame. Records after the newest `Sync` were never promised
+//!   durable: an update among them is kept only if its data block is on the
+//!   medium with the right CRC, so a power loss that kept a record but not its
+//!   data loses that (unacknowledged) write instead of corrupting the block.
+//!   Then a new checkpoint is written and a fresh journal started.
+//! * A checkpoint is written to `checkpoint.tmp`, synced, renamed over
+//!   `checkpoint`, and the directory synced; the next journal is created and
+//!   synced (with the directory) *before* the switch, and the old journal is
+//!   synced at the switch. Until the rename, the old checkpoint plus both
+//!   journals replay to the same state.
+//!
+//! ## Locks (taken in this order, never the reverse)
+//! | lock | guards | held by |
+//! |---|---|---|
+//! | `flush` | durable sequence number, checkpointing | flush, FUA, checkpoint |
+//! | stripe (256) | one block during a partial-block read-modify-write | unaligned write / trim / zero |
+//! | `vols` | the set of volumes | create / delete volume (write); name lookup (read) |
+//! | volume `st` | one volume's map, epoch, snapshots, size | writes, trims, snapshot ops (write); reads, extents (read) |
+//! | `journal` | journal file, position, sequence numbers | record appends (short) |
+//! | `alloc` | free ranges and pending frees | slot allocation (short) |
+//! | `reuse` | — (a barrier) | readers during slot I/O (shared); releasing freed slots (exclusive) |
+//!
+//! The map is memory-resident: about 50 bytes per written 4 KiB block and
+//! kept snapshot version, independent of the virtual size.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod alloc;
@@ -34,12 +134,17 @@ pub struct PoolOptions {
     /// The journal is folded into a new checkpoint once it grows past this
     /// many bytes (checked at flush).
     pub journal_limit: u64,
+    /// Freed data space up to this many bytes stays allocated in the data
+    /// file for reuse (cheap syncs); beyond it, freed space is given back to
+    /// the filesystem at once.
+    pub reuse_reserve_bytes: u64,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
             journal_limit: 64 << 20,
+            reuse_reserve_bytes: 64 << 20,
         }
     }
 }

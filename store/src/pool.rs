@@ -230,10 +230,19 @@ struct Vols {
     next_id: u32,
 }
 
+/// The journal is grown with written zeros this much at a time, so that
+/// appends overwrite allocated blocks inside the file's size and
+/// `fdatasync` has no file metadata to commit.
+const JOURNAL_CHUNK: u64 = 4 << 20;
+
 struct Journal {
     file: Arc<dyn MediumFile>,
     id: u64,
     pos: u64,
+    /// Bytes of the file already allocated (written zeros or frames).
+    prealloc: u64,
+    /// Growth step: `JOURNAL_CHUNK`, or less for small journal limits.
+    chunk: u64,
     seq: u64,
     buf: Vec<u8>,
 }
@@ -243,6 +252,16 @@ impl Journal {
         self.seq += 1;
         self.buf.clear();
         rec.encode_frame(self.seq, &mut self.buf);
+        let end = self.pos + self.buf.len() as u64;
+        if end > self.prealloc {
+            let to = end.div_ceil(self.chunk) * self.chunk;
+            let zeros = vec![0u8; (to - self.prealloc) as usize];
+            if let Err(e) = self.file.write_at(&zeros, self.prealloc) {
+                self.seq -= 1;
+                return Err(Error::io("cannot grow the metadata journal", e));
+            }
+            self.prealloc = to;
+        }
         if let Err(e) = self.file.write_at(&self.buf, self.pos) {
             self.seq -= 1;
             return Err(Error::io("cannot append to the metadata journal", e));
@@ -347,7 +366,7 @@ impl Pool {
         used.dedup();
         let file_slots = data.len().map_err(|e| Error::io("cannot stat the data file", e))? / B;
         let high = file_slots.max(used.last().map(|s| s + 1).unwrap_or(0));
-        let alloc = Alloc::rebuild(&used, high);
+        let alloc = Alloc::rebuild(&used, high, opts.reuse_reserve_bytes / B);
 
         // Start a new journal after a fresh checkpoint, so a torn tail of the
         // old journal is never appended to.
@@ -364,6 +383,8 @@ impl Pool {
                 file: jfile,
                 id: last_jid,
                 pos: jpos,
+                prealloc: jpos,
+                chunk: JOURNAL_CHUNK.min(opts.journal_limit.next_power_of_two()).max(4096),
                 seq,
                 buf: Vec::new(),
             }),
@@ -1042,12 +1063,16 @@ impl Inner {
         }
         // Wait out readers that may have located these slots before the drop.
         drop(self.reuse.write());
-        for &(s, l) in &ranges {
+        let punch = self.alloc.lock().release(&ranges);
+        if punch.is_empty() {
+            return;
+        }
+        for &(s, l) in &punch {
             if let Err(e) = self.data.punch_hole(s * B, l * B) {
                 tracing::warn!(error = %e, "cannot punch freed space in the data file");
             }
         }
-        self.alloc.lock().release(&ranges);
+        self.alloc.lock().release_punched(&punch);
     }
 
     /// Punches the space of every slot nothing references (slots freed
@@ -1166,6 +1191,7 @@ impl Inner {
         j.file = nf;
         j.id = new_id;
         j.pos = head.len() as u64;
+        j.prealloc = j.pos;
         drop(j);
         drop(guards);
         drop(vols);

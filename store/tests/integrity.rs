@@ -91,7 +91,12 @@ fn allocated(path: &std::path::Path) -> u64 {
 #[test]
 fn space_comes_back_after_snapshot_deletion() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    // No reuse reserve: every freed block is given back at once.
+    let opts = PoolOptions {
+        reuse_reserve_bytes: 0,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::open(dir.path(), opts).unwrap();
     pool.create_volume("v", 64 << 20).unwrap();
     let h = pool.open_head("v").unwrap();
     let mb: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 | 1).collect();
@@ -182,4 +187,28 @@ fn bad_input_gets_typed_errors() {
     assert_eq!(s.read_at(&mut t, 0).unwrap_err().kind(), ErrorKind::Deleted);
     pool.delete_volume("v").unwrap();
     assert_eq!(h.read_at(&mut t, 0).unwrap_err().kind(), ErrorKind::Deleted);
+}
+
+#[test]
+fn reuse_reserve_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PoolOptions {
+        reuse_reserve_bytes: 4 << 20,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    pool.create_volume("v", 64 << 20).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mb = vec![0x11u8; 1 << 20];
+    for m in 0..32u64 {
+        h.write_at(&mb, m << 20, false).unwrap();
+    }
+    pool.create_snapshot("v", "a").unwrap();
+    for m in 0..32u64 {
+        h.write_at(&mb[..1 << 19], m << 20, false).unwrap();
+    }
+    pool.delete_snapshot("v", "a").unwrap();
+    pool.flush().unwrap();
+    let end = allocated(&dir.path().join("data"));
+    assert!(end <= (32 << 20) + (4 << 20) + (1 << 20), "reserve exceeded: {end}");
 }

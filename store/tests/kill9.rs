@@ -29,7 +29,7 @@ fn kill9_child_writer() {
         return;
     };
     let start: u64 = std::env::var("SNAPGATE_KILL9_START").unwrap().parse().unwrap();
-    let pool = Pool::open(&dir, PoolOptions { journal_limit: 256 << 10 }).unwrap();
+    let pool = Pool::open(&dir, PoolOptions { journal_limit: 256 << 10, ..PoolOptions::default() }).unwrap();
     if pool.volumes().is_empty() {
         pool.create_volume("v", BLOCKS * BLOCK as u64).unwrap();
     }

@@ -95,6 +95,7 @@ fn run(ops: Vec<Op>) {
     let mut medium = MemMedium::new();
     let opts = PoolOptions {
         journal_limit: 4096,
+        reuse_reserve_bytes: 16 << 10,
     };
     let mut pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
     pool.create_volume("v", SIZE).unwrap();

@@ -1,0 +1,290 @@
+//! Store benchmarks, side by side with plain `pwrite`/`pread` on a file in
+//! the same directory. Prints a markdown table (used by scripts/bench).
+//!
+//! `cargo bench -p snapgate-store --bench store -- [DIR]`
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use store::{DirMedium, Medium, MediumFile, Pool, PoolOptions};
+
+/// A medium that counts the bytes written through it.
+struct Counting {
+    inner: DirMedium,
+    written: Arc<AtomicU64>,
+}
+struct CountingFile {
+    inner: Arc<dyn MediumFile>,
+    written: Arc<AtomicU64>,
+}
+impl MediumFile for CountingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.inner.write_at(data, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+}
+impl Medium for Counting {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
+        Ok(Arc::new(CountingFile {
+            inner: self.inner.open(name, create)?,
+            written: self.written.clone(),
+        }))
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.inner.exists(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
+        self.inner.lock()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+const GIB: u64 = 1 << 30;
+const VOL: u64 = GIB;
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / (1 << 20) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: String,
+    store: f64,
+    file: f64,
+    unit: &'static str,
+}
+
+fn offsets(n: usize, blocks: u64, seed: u64) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(0..blocks) * 4096).collect()
+}
+
+fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
+    let pool = Pool::open(dir.join("pool"), PoolOptions::default()).unwrap();
+    pool.create_volume("bench", VOL).unwrap();
+    let v = pool.open_head("bench").unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("plain.raw"))
+        .unwrap();
+    f.set_len(VOL).unwrap();
+    let mb: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    let blk: Vec<u8> = mb[..4096].to_vec();
+
+    // 1 MiB sequential write, whole volume.
+    let t = Instant::now();
+    for m in 0..VOL >> 20 {
+        v.write_at(&mb, m << 20, false).unwrap();
+    }
+    v.flush().unwrap();
+    let s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for m in 0..VOL >> 20 {
+        f.write_all_at(&mb, m << 20).unwrap();
+    }
+    f.sync_data().unwrap();
+    let p = t.elapsed().as_secs_f64();
+    rows.push(Row { name: "1 MiB sequential write (1 GiB + flush)".into(), store: mbps(VOL, s), file: mbps(VOL, p), unit: "MiB/s" });
+
+    // 1 MiB sequential read.
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    for m in 0..VOL >> 20 {
+        v.read_at(&mut buf, m << 20).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for m in 0..VOL >> 20 {
+        f.read_exact_at(&mut buf, m << 20).unwrap();
+    }
+    let p = t.elapsed().as_secs_f64();
+    rows.push(Row { name: "1 MiB sequential read (1 GiB, page cache)".into(), store: mbps(VOL, s), file: mbps(VOL, p), unit: "MiB/s" });
+
+    // 4 KiB random write, flush every 64 writes.
+    let n = 32768;
+    let offs = offsets(n, VOL / 4096, 1);
+    let t = Instant::now();
+    for (i, &o) in offs.iter().enumerate() {
+        v.write_at(&blk, o, false).unwrap();
+        if i % 64 == 63 {
+            v.flush().unwrap();
+        }
+    }
+    let s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (i, &o) in offs.iter().enumerate() {
+        f.write_all_at(&blk, o).unwrap();
+        if i % 64 == 63 {
+            f.sync_data().unwrap();
+        }
+    }
+    let p = t.elapsed().as_secs_f64();
+    rows.push(Row { name: "4 KiB random write, flush every 64".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+
+    let n = 131072;
+    let offs = offsets(n, VOL / 4096, 2);
+    let t = Instant::now();
+    for &o in &offs {
+        v.write_at(&blk, o, false).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for &o in &offs {
+        f.write_all_at(&blk, o).unwrap();
+    }
+    let p = t.elapsed().as_secs_f64();
+    rows.push(Row { name: "4 KiB random write, no flush".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+
+    let mut b4 = vec![0u8; 4096];
+    let offs = offsets(n, VOL / 4096, 3);
+    let t = Instant::now();
+    for &o in &offs {
+        v.read_at(&mut b4, o).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for &o in &offs {
+        f.read_exact_at(&mut b4, o).unwrap();
+    }
+    let p = t.elapsed().as_secs_f64();
+    rows.push(Row { name: "4 KiB random read (page cache)".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+}
+
+fn snapshot_rows(dir: &Path, out: &mut Vec<String>) {
+    let pool = Pool::open(dir.join("snaps"), PoolOptions::default()).unwrap();
+    let blk = vec![0x5au8; 4096];
+    for (name, size, written) in [("1 GiB", GIB, 256u64 << 20), ("1 TiB", GIB << 10, 256 << 20)] {
+        let vname = format!("v{}", size >> 30);
+        pool.create_volume(&vname, size).unwrap();
+        let v = pool.open_head(&vname).unwrap();
+        // Scatter the written data over the whole volume.
+        let offs = offsets((written / 4096) as usize, size / 4096, 4);
+        for &o in &offs {
+            v.write_at(&blk, o, false).unwrap();
+        }
+        pool.flush().unwrap();
+        let mut times = Vec::new();
+        for i in 0..50 {
+            // A little new data between snapshots, as in real use.
+            v.write_at(&blk, offs[i] , false).unwrap();
+            let t = Instant::now();
+            pool.create_snapshot(&vname, &format!("s{i}")).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        out.push(format!(
+            "| snapshot create, {name} volume, {} MiB written | {:.3} ms median, {:.3} ms max (includes the flush that makes it durable) |",
+            written >> 20,
+            median(times.clone()),
+            times.iter().cloned().fold(0.0, f64::max)
+        ));
+    }
+}
+
+fn wa_rows(dir: &Path, out: &mut Vec<String>) {
+    for snaps in [0u32, 10] {
+        let written = Arc::new(AtomicU64::new(0));
+        let path = dir.join(format!("wa{snaps}"));
+        let m = Counting { inner: DirMedium::new(&path).unwrap(), written: written.clone() };
+        let pool = Pool::open_medium(Arc::new(m), PoolOptions::default()).unwrap();
+        pool.create_volume("v", VOL).unwrap();
+        let v = pool.open_head("v").unwrap();
+        let blk: Vec<u8> = (0..4096).map(|i| (i % 253) as u8 | 1).collect();
+        // Pre-fill a quarter of the volume, then snapshots in between more writes.
+        for (i, &o) in offsets(65536, VOL / 4096, 5).iter().enumerate() {
+            v.write_at(&blk, o, false).unwrap();
+            if snaps > 0 && i % (65536 / snaps as usize) == 0 {
+                pool.create_snapshot("v", &format!("s{i}")).unwrap();
+            }
+        }
+        pool.flush().unwrap();
+        let before = written.load(Ordering::Relaxed);
+        let n = 65536;
+        for (i, &o) in offsets(n, VOL / 4096, 6).iter().enumerate() {
+            v.write_at(&blk, o, false).unwrap();
+            if i % 64 == 63 {
+                v.flush().unwrap();
+            }
+        }
+        let medium = written.load(Ordering::Relaxed) - before;
+        let user = n as u64 * 4096;
+        out.push(format!(
+            "| write amplification, 4 KiB random writes, flush every 64, {snaps} snapshots | {:.3} (medium bytes {} / user bytes {}) |",
+            medium as f64 / user as f64,
+            medium,
+            user
+        ));
+    }
+}
+
+fn main() {
+    let arg = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let tmp;
+    let dir = match arg {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            tmp = tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rows = Vec::new();
+    io_rows(&dir, &mut rows);
+    println!("| workload | store | plain file | ratio |");
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} {} | {:.0} {} | {:.2}× |",
+            r.name, r.store, r.unit, r.file, r.unit, r.store / r.file
+        );
+    }
+    let mut other = Vec::new();
+    snapshot_rows(&dir, &mut other);
+    wa_rows(&dir, &mut other);
+    println!();
+    println!("| measurement | result |");
+    println!("|---|---|");
+    for o in other {
+        println!("{o}");
+    }
+}
