@@ -30,6 +30,8 @@ pub enum Record {
         id: u32,
         size: u64,
         created_ms: u64,
+        /// log2 of the change-tracking granularity in bytes.
+        cbt_shift: u8,
         name: String,
     },
     VolumeResize {
@@ -73,6 +75,7 @@ pub enum Record {
         size: u64,
         created_ms: u64,
         epoch: u32,
+        cbt_shift: u8,
         name: String,
     },
     CheckpointEntries {
@@ -178,12 +181,14 @@ impl Record {
                 id,
                 size,
                 created_ms,
+                cbt_shift,
                 name,
             } => {
                 w.u8(2);
                 w.u32(*id);
                 w.u64(*size);
                 w.u64(*created_ms);
+                w.u8(*cbt_shift);
                 w.str(name)
             }
             Record::VolumeResize { id, size } => {
@@ -254,6 +259,7 @@ impl Record {
                 size,
                 created_ms,
                 epoch,
+                cbt_shift,
                 name,
             } => {
                 w.u8(11);
@@ -261,6 +267,7 @@ impl Record {
                 w.u64(*size);
                 w.u64(*created_ms);
                 w.u32(*epoch);
+                w.u8(*cbt_shift);
                 w.str(name)
             }
             Record::CheckpointEntries { vol, entries } => {
@@ -291,6 +298,7 @@ impl Record {
                 id: r.u32()?,
                 size: r.u64()?,
                 created_ms: r.u64()?,
+                cbt_shift: r.u8()?,
                 name: r.str()?,
             },
             3 => Record::VolumeResize {
@@ -347,6 +355,7 @@ impl Record {
                 size: r.u64()?,
                 created_ms: r.u64()?,
                 epoch: r.u32()?,
+                cbt_shift: r.u8()?,
                 name: r.str()?,
             },
             12 => {
@@ -441,6 +450,7 @@ mod tests {
                 id: 1,
                 size: 1 << 40,
                 created_ms: 5,
+                cbt_shift: 16,
                 name: "vm1".into(),
             },
             Record::VolumeResize { id: 1, size: 4096 },
@@ -489,6 +499,7 @@ mod tests {
                 size: 1,
                 created_ms: 2,
                 epoch: 3,
+                cbt_shift: 12,
                 name: "v".into(),
             },
             Record::CheckpointEntries {

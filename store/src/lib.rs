@@ -149,6 +149,46 @@ impl Default for PoolOptions {
     }
 }
 
+/// Options of a new volume.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Bytes per change-tracking bit (a power of two, 4 KiB ..= 1 GiB).
+    pub cbt_granularity: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            cbt_granularity: cbt::DEFAULT_GRANULARITY,
+        }
+    }
+}
+
+/// Changed extents between two points of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diff {
+    pub volume: String,
+    pub from: String,
+    /// `None`: the head.
+    pub to: Option<String>,
+    pub granularity: u64,
+    /// (offset, length) runs, ascending.
+    pub extents: Vec<(u64, u64)>,
+    /// Sum of the lengths.
+    pub bytes: u64,
+}
+
+/// Which point holds a block's data, seen from one view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Version {
+    /// Never written (or trimmed before any point kept it).
+    Unwritten,
+    /// First held by this point.
+    Point(String),
+    /// Written after the newest point.
+    Head,
+}
+
 /// A volume as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -159,6 +199,8 @@ pub struct VolumeInfo {
     /// Data space referenced by the head and all snapshots.
     pub allocated_bytes: u64,
     pub snapshots: usize,
+    /// Bytes per change-tracking bit.
+    pub cbt_granularity: u64,
 }
 
 /// A snapshot as listed.

@@ -5,7 +5,10 @@ use crate::alloc::Alloc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
-use crate::{Damage, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, VolumeInfo, BLOCK};
+use crate::{
+    Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, Version, VerifyReport,
+    VolumeInfo, VolumeOptions, BLOCK,
+};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -92,6 +95,8 @@ pub(crate) struct VolState {
     pub map: BTreeMap<(u64, u32), Loc>,
     pub data_entries: u64,
     pub deleted: bool,
+    /// Changed blocks per epoch, fed by `apply_update`.
+    pub cbt: cbt::Tracker,
 }
 
 impl VolState {
@@ -105,6 +110,7 @@ impl VolState {
     /// Applies a map record; returns the slots it stopped referencing.
     fn apply_update(&mut self, birth: u32, items: &[UpdateItem], freed: &mut Vec<u64>) {
         for it in items {
+            self.cbt.mark(birth, it.block * B, B);
             if let Some(t) = it.drop {
                 if let Some(old) = self.map.remove(&(it.block, t)) {
                     self.forget(old, freed);
@@ -173,6 +179,25 @@ impl VolState {
             set: Some(new),
             drop: (t != cur).then_some(t),
         })
+    }
+
+    /// The epoch whose change bitmap holds writes born in `birth`: the
+    /// first live snapshot at or after it, else the head's.
+    fn cbt_epoch(&self, birth: u32) -> u32 {
+        self.snaps
+            .range(birth..)
+            .next()
+            .map(|(e, _)| *e)
+            .unwrap_or(self.epoch)
+    }
+
+    /// Rebuilds the change bitmaps from the durable map (see the cbt crate).
+    fn rebuild_cbt(&mut self) {
+        let mut t = cbt::Tracker::new(self.cbt.granularity());
+        for &(b, birth) in self.map.keys() {
+            t.mark(self.cbt_epoch(birth), b * B, B);
+        }
+        self.cbt = t;
     }
 
     /// Entries that become invisible when the snapshot at `epoch` goes.
@@ -353,6 +378,9 @@ impl Pool {
             seq = s;
         }
         let last_jid = replay_journals(&*medium, &*data, journal_id, &mut vols, &mut seq)?;
+        for cell in vols.by_id.values() {
+            cell.st.write().rebuild_cbt();
+        }
 
         let mut used = Vec::new();
         for cell in vols.by_id.values() {
@@ -408,10 +436,22 @@ impl Pool {
         self.inner.cell(name)
     }
 
-    /// Creates a thin volume.
+    /// Creates a thin volume with default options.
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size, &VolumeOptions::default())
+    }
+
+    /// Creates a thin volume.
+    pub fn create_volume_with(&self, name: &str, size: u64, opts: &VolumeOptions) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         validate_size(size)?;
+        let g = opts.cbt_granularity;
+        if !g.is_power_of_two() || !(4096..=1 << 30).contains(&g) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("invalid change-tracking granularity {g}: use a power of two from 4096 to 1 GiB"),
+            ));
+        }
         let mut vols = self.inner.vols.write();
         if vols.by_name.contains_key(name) {
             return Err(Error::new(
@@ -424,6 +464,7 @@ impl Pool {
             id,
             size,
             created_ms: now_ms(),
+            cbt_shift: g.trailing_zeros() as u8,
             name: name.to_string(),
         };
         let seq = self.inner.journal.lock().append(&rec)?;
@@ -596,6 +637,8 @@ impl Pool {
             })?;
             drop(j);
             st.snaps.remove(&epoch);
+            let into = st.cbt_epoch(epoch);
+            st.cbt.merge(epoch, into);
             let mut freed = Vec::new();
             st.apply_drops(&drops, &mut freed);
             drop(st);
@@ -606,6 +649,26 @@ impl Pool {
             seq
         };
         self.inner.flush_upto(seq)
+    }
+
+    /// Changed extents of `volume` between snapshot `a` and snapshot `b`
+    /// (or the head), from the change bitmaps only: no data is read.
+    pub fn diff(&self, volume: &str, a: &str, b: Option<&str>) -> Result<Diff> {
+        let v = match b {
+            Some(b) => self.open_snapshot(volume, b)?,
+            None => self.open_head(volume)?,
+        };
+        let size = v.size();
+        let extents = v.changed_since(a, 0, size)?;
+        let bytes = extents.iter().map(|e| e.1).sum();
+        Ok(Diff {
+            volume: volume.to_string(),
+            from: a.to_string(),
+            to: b.map(str::to_string),
+            granularity: v.cbt_granularity(),
+            extents,
+            bytes,
+        })
     }
 
     /// Opens the read-write head of a volume.
@@ -724,6 +787,7 @@ fn info_of(c: &VolCell) -> VolumeInfo {
         created_ms: st.created_ms,
         allocated_bytes: st.data_entries * B,
         snapshots: st.snaps.len(),
+        cbt_granularity: st.cbt.granularity(),
     }
 }
 
@@ -747,6 +811,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
         id,
         size,
         created_ms,
+        cbt_shift,
         name,
     } = rec
     {
@@ -761,6 +826,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 map: BTreeMap::new(),
                 data_entries: 0,
                 deleted: false,
+                cbt: cbt::Tracker::new(1u64 << (*cbt_shift).clamp(9, 40)),
             }),
         });
         vols.by_name.insert(name.clone(), cell.clone());
@@ -831,6 +897,7 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
                 size,
                 created_ms,
                 epoch,
+                cbt_shift,
                 name,
             } => {
                 apply_vol_record(
@@ -839,6 +906,7 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
                         id: *id,
                         size: *size,
                         created_ms: *created_ms,
+                        cbt_shift: *cbt_shift,
                         name: name.clone(),
                     },
                 );
@@ -973,7 +1041,10 @@ fn replay_journals(
             }
             Record::SnapshotDelete { vol, epoch } => {
                 if let Some(c) = vols.by_id.get(&vol) {
-                    c.st.write().snaps.remove(&epoch);
+                    let mut st = c.st.write();
+                    st.snaps.remove(&epoch);
+                    let into = st.cbt_epoch(epoch);
+                    st.cbt.merge(epoch, into);
                 }
             }
             Record::Update {
@@ -1129,6 +1200,7 @@ impl Inner {
                 size: st.size,
                 created_ms: st.created_ms,
                 epoch: st.epoch,
+                cbt_shift: st.cbt.granularity().trailing_zeros() as u8,
                 name: c.name.clone(),
             });
             for (e, s) in &st.snaps {
@@ -1258,6 +1330,86 @@ impl Volume {
             View::Head => self.cell.name.clone(),
             View::Snapshot { name, .. } => format!("{}@{}", self.cell.name, name),
         }
+    }
+
+    /// The volume's change-tracking granularity in bytes.
+    pub fn cbt_granularity(&self) -> u64 {
+        self.cell.st.read().cbt.granularity()
+    }
+
+    /// Names of the snapshots older than this view, oldest first: the points
+    /// a change bitmap can be asked against.
+    pub fn older_points(&self) -> Vec<String> {
+        let st = self.cell.st.read();
+        let limit = match &self.view {
+            View::Head => u32::MAX,
+            View::Snapshot { epoch, .. } => *epoch,
+        };
+        st.snaps
+            .range(..limit)
+            .map(|(_, s)| s.name.clone())
+            .collect()
+    }
+
+    /// Byte ranges of `[offset, offset+len)` (clipped to the size) written,
+    /// trimmed or zeroed after snapshot `point` and up to this view, at the
+    /// volume's tracking granularity.
+    pub fn changed_since(&self, point: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let st = self.cell.st.read();
+        let (limit, size) = self.view_of(&st)?;
+        let a = st
+            .snap_by_name(point)
+            .ok_or_else(|| not_found_snap(&self.cell.name, point))?;
+        if a >= limit {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{point} is not older than {}", self.label()),
+            ));
+        }
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let len = len.min(size - offset);
+        let upto = if limit == u32::MAX { st.epoch } else { limit };
+        Ok(st.cbt.changed(a, upto, offset, len))
+    }
+
+    /// The eBackup-style version view: for each run of `[offset,
+    /// offset+len)`, which point first holds the data this view sees there
+    /// (`Version::Point`), whether it was written after the newest point
+    /// (`Version::Head`), or never written (`Version::Unwritten`).
+    pub fn versions(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, Version)>> {
+        let st = self.cell.st.read();
+        let (limit, size) = self.view_of(&st)?;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(len).min(size);
+        let first = offset / B;
+        let n = ((end - 1) / B - first + 1) as usize;
+        let mut births: Vec<Option<u32>> = vec![None; n];
+        for (&(b, t), _) in st.map.range((first, 0)..(first + n as u64, 0)) {
+            if t <= limit {
+                births[(b - first) as usize] = Some(t);
+            }
+        }
+        let mut out: Vec<(u64, u64, Version)> = Vec::new();
+        for (i, birth) in births.into_iter().enumerate() {
+            let v = match birth {
+                None => Version::Unwritten,
+                Some(t) => match st.snaps.range(t..).next() {
+                    Some((_, s)) => Version::Point(s.name.clone()),
+                    None => Version::Head,
+                },
+            };
+            let s0 = ((first + i as u64) * B).max(offset);
+            let e0 = ((first + i as u64 + 1) * B).min(end);
+            match out.last_mut() {
+                Some((o, l, pv)) if *pv == v && *o + *l == s0 => *l += e0 - s0,
+                _ => out.push((s0, e0 - s0, v)),
+            }
+        }
+        Ok(out)
     }
 
     /// Virtual size in bytes (0 once deleted).
