@@ -129,6 +129,7 @@ pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// The change tracker of one volume: one bitmap per epoch.
 #[derive(Clone, Debug)]
 pub struct Tracker {
+    /// log2 of the granularity; 0 when tracking is off.
     shift: u32,
     epochs: BTreeMap<u32, Bitmap>,
 }
@@ -143,14 +144,31 @@ impl Tracker {
         }
     }
 
-    /// Bytes per bit.
+    /// A tracker that records nothing (tracking switched off).
+    pub fn disabled() -> Self {
+        Tracker {
+            shift: 0,
+            epochs: BTreeMap::new(),
+        }
+    }
+
+    /// Whether changes are recorded.
+    pub fn enabled(&self) -> bool {
+        self.shift != 0
+    }
+
+    /// Bytes per bit; 0 when tracking is off.
     pub fn granularity(&self) -> u64 {
-        1 << self.shift
+        if self.enabled() {
+            1 << self.shift
+        } else {
+            0
+        }
     }
 
     /// Records that `[offset, offset+len)` changed in `epoch`.
     pub fn mark(&mut self, epoch: u32, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || !self.enabled() {
             return;
         }
         let lo = offset >> self.shift;
@@ -174,7 +192,7 @@ impl Tracker {
     /// Byte ranges within `[offset, offset+len)` changed in epochs
     /// `after < e ≤ upto`, at tracking granularity (clipped to the range).
     pub fn changed(&self, after: u32, upto: u32, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        if len == 0 || after >= upto {
+        if len == 0 || after >= upto || !self.enabled() {
             return Vec::new();
         }
         let end = offset.saturating_add(len);

@@ -152,7 +152,8 @@ impl Default for PoolOptions {
 /// Options of a new volume.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
-    /// Bytes per change-tracking bit (a power of two, 4 KiB ..= 1 GiB).
+    /// Bytes per change-tracking bit (a power of two, 4 KiB ..= 1 GiB), or
+    /// 0 to turn change tracking off.
     pub cbt_granularity: u64,
 }
 
@@ -199,7 +200,7 @@ pub struct VolumeInfo {
     /// Data space referenced by the head and all snapshots.
     pub allocated_bytes: u64,
     pub snapshots: usize,
-    /// Bytes per change-tracking bit.
+    /// Bytes per change-tracking bit (0: tracking off).
     pub cbt_granularity: u64,
 }
 

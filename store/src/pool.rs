@@ -193,6 +193,9 @@ impl VolState {
 
     /// Rebuilds the change bitmaps from the durable map (see the cbt crate).
     fn rebuild_cbt(&mut self) {
+        if !self.cbt.enabled() {
+            return;
+        }
         let mut t = cbt::Tracker::new(self.cbt.granularity());
         for &(b, birth) in self.map.keys() {
             t.mark(self.cbt_epoch(birth), b * B, B);
@@ -446,10 +449,10 @@ impl Pool {
         validate_name("volume", name)?;
         validate_size(size)?;
         let g = opts.cbt_granularity;
-        if !g.is_power_of_two() || !(4096..=1 << 30).contains(&g) {
+        if g != 0 && (!g.is_power_of_two() || !(4096..=1 << 30).contains(&g)) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("invalid change-tracking granularity {g}: use a power of two from 4096 to 1 GiB"),
+                format!("invalid change-tracking granularity {g}: use a power of two from 4096 to 1 GiB (0 turns tracking off)"),
             ));
         }
         let mut vols = self.inner.vols.write();
@@ -464,7 +467,7 @@ impl Pool {
             id,
             size,
             created_ms: now_ms(),
-            cbt_shift: g.trailing_zeros() as u8,
+            cbt_shift: if g == 0 { 0 } else { g.trailing_zeros() as u8 },
             name: name.to_string(),
         };
         let seq = self.inner.journal.lock().append(&rec)?;
@@ -826,7 +829,10 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 map: BTreeMap::new(),
                 data_entries: 0,
                 deleted: false,
-                cbt: cbt::Tracker::new(1u64 << (*cbt_shift).clamp(9, 40)),
+                cbt: match *cbt_shift {
+                    0 => cbt::Tracker::disabled(),
+                    s => cbt::Tracker::new(1u64 << s.clamp(9, 40)),
+                },
             }),
         });
         vols.by_name.insert(name.clone(), cell.clone());
@@ -1200,7 +1206,10 @@ impl Inner {
                 size: st.size,
                 created_ms: st.created_ms,
                 epoch: st.epoch,
-                cbt_shift: st.cbt.granularity().trailing_zeros() as u8,
+                cbt_shift: match st.cbt.granularity() {
+                    0 => 0,
+                    g => g.trailing_zeros() as u8,
+                },
                 name: c.name.clone(),
             });
             for (e, s) in &st.snaps {
@@ -1341,6 +1350,9 @@ impl Volume {
     /// a change bitmap can be asked against.
     pub fn older_points(&self) -> Vec<String> {
         let st = self.cell.st.read();
+        if !st.cbt.enabled() {
+            return Vec::new();
+        }
         let limit = match &self.view {
             View::Head => u32::MAX,
             View::Snapshot { epoch, .. } => *epoch,
@@ -1364,6 +1376,12 @@ impl Volume {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("{point} is not older than {}", self.label()),
+            ));
+        }
+        if !st.cbt.enabled() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("change tracking is off for volume {}", self.cell.name),
             ));
         }
         if offset >= size {
