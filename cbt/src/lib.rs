@@ -198,7 +198,11 @@ impl Tracker {
         let end = offset.saturating_add(len);
         let lo = offset >> self.shift;
         let hi = ((end - 1) >> self.shift) + 1;
-        let mut sel: Vec<&Bitmap> = self.epochs.range(after + 1..=upto).map(|(_, b)| b).collect();
+        let mut sel: Vec<&Bitmap> = self
+            .epochs
+            .range(after + 1..=upto)
+            .map(|(_, b)| b)
+            .collect();
         let merged;
         let map: &Bitmap = match sel.len() {
             0 => return Vec::new(),
@@ -262,12 +266,18 @@ mod tests {
         t.mark(0, 0, 1); // before snapshot A (epoch 0)
         t.mark(1, 65536 * 3 + 5, 10); // after A, before B (epoch 1)
         t.mark(2, 65536 * 7, 65537); // after B (head, epoch 2)
-        assert_eq!(t.changed(0, u32::MAX, 0, 1 << 30), vec![(65536 * 3, 65536), (65536 * 7, 65536 * 2)]);
+        assert_eq!(
+            t.changed(0, u32::MAX, 0, 1 << 30),
+            vec![(65536 * 3, 65536), (65536 * 7, 65536 * 2)]
+        );
         assert_eq!(t.changed(0, 1, 0, 1 << 30), vec![(65536 * 3, 65536)]);
         assert_eq!(t.changed(1, 2, 0, 65536 * 8), vec![(65536 * 7, 65536)]);
         // Deleting B (epoch 1) folds it into the head's epoch.
         t.merge(1, 2);
-        assert_eq!(t.changed(0, 2, 0, 1 << 30), vec![(65536 * 3, 65536), (65536 * 7, 65536 * 2)]);
+        assert_eq!(
+            t.changed(0, 2, 0, 1 << 30),
+            vec![(65536 * 3, 65536), (65536 * 7, 65536 * 2)]
+        );
         assert!(t.changed(2, 2, 0, 1 << 30).is_empty());
     }
 

@@ -125,7 +125,12 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
     }
     f.sync_data().unwrap();
     let p = t.elapsed().as_secs_f64();
-    rows.push(Row { name: "1 MiB sequential write (1 GiB + flush)".into(), store: mbps(VOL, s), file: mbps(VOL, p), unit: "MiB/s" });
+    rows.push(Row {
+        name: "1 MiB sequential write (1 GiB + flush)".into(),
+        store: mbps(VOL, s),
+        file: mbps(VOL, p),
+        unit: "MiB/s",
+    });
 
     // 1 MiB sequential read.
     let mut buf = vec![0u8; 1 << 20];
@@ -139,7 +144,12 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
         f.read_exact_at(&mut buf, m << 20).unwrap();
     }
     let p = t.elapsed().as_secs_f64();
-    rows.push(Row { name: "1 MiB sequential read (1 GiB, page cache)".into(), store: mbps(VOL, s), file: mbps(VOL, p), unit: "MiB/s" });
+    rows.push(Row {
+        name: "1 MiB sequential read (1 GiB, page cache)".into(),
+        store: mbps(VOL, s),
+        file: mbps(VOL, p),
+        unit: "MiB/s",
+    });
 
     // 4 KiB random write, flush every 64 writes.
     let n = 32768;
@@ -160,7 +170,12 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
         }
     }
     let p = t.elapsed().as_secs_f64();
-    rows.push(Row { name: "4 KiB random write, flush every 64".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+    rows.push(Row {
+        name: "4 KiB random write, flush every 64".into(),
+        store: n as f64 / s,
+        file: n as f64 / p,
+        unit: "IOPS",
+    });
 
     let n = 131072;
     let offs = offsets(n, VOL / 4096, 2);
@@ -174,7 +189,12 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
         f.write_all_at(&blk, o).unwrap();
     }
     let p = t.elapsed().as_secs_f64();
-    rows.push(Row { name: "4 KiB random write, no flush".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+    rows.push(Row {
+        name: "4 KiB random write, no flush".into(),
+        store: n as f64 / s,
+        file: n as f64 / p,
+        unit: "IOPS",
+    });
 
     let mut b4 = vec![0u8; 4096];
     let offs = offsets(n, VOL / 4096, 3);
@@ -188,13 +208,21 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
         f.read_exact_at(&mut b4, o).unwrap();
     }
     let p = t.elapsed().as_secs_f64();
-    rows.push(Row { name: "4 KiB random read (page cache)".into(), store: n as f64 / s, file: n as f64 / p, unit: "IOPS" });
+    rows.push(Row {
+        name: "4 KiB random read (page cache)".into(),
+        store: n as f64 / s,
+        file: n as f64 / p,
+        unit: "IOPS",
+    });
 }
 
 fn snapshot_rows(dir: &Path, out: &mut Vec<String>) {
     let pool = Pool::open(dir.join("snaps"), PoolOptions::default()).unwrap();
     let blk = vec![0x5au8; 4096];
-    for (name, size, written) in [("1 GiB", GIB, 256u64 << 20), ("1 TiB", GIB << 10, 256 << 20)] {
+    for (name, size, written) in [
+        ("1 GiB", GIB, 256u64 << 20),
+        ("1 TiB", GIB << 10, 256 << 20),
+    ] {
         let vname = format!("v{}", size >> 30);
         pool.create_volume(&vname, size).unwrap();
         let v = pool.open_head(&vname).unwrap();
@@ -205,9 +233,9 @@ fn snapshot_rows(dir: &Path, out: &mut Vec<String>) {
         }
         pool.flush().unwrap();
         let mut times = Vec::new();
-        for i in 0..50 {
+        for (i, &o) in offs.iter().take(50).enumerate() {
             // A little new data between snapshots, as in real use.
-            v.write_at(&blk, offs[i] , false).unwrap();
+            v.write_at(&blk, o, false).unwrap();
             let t = Instant::now();
             pool.create_snapshot(&vname, &format!("s{i}")).unwrap();
             times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -225,7 +253,10 @@ fn wa_rows(dir: &Path, out: &mut Vec<String>) {
     for snaps in [0u32, 10] {
         let written = Arc::new(AtomicU64::new(0));
         let path = dir.join(format!("wa{snaps}"));
-        let m = Counting { inner: DirMedium::new(&path).unwrap(), written: written.clone() };
+        let m = Counting {
+            inner: DirMedium::new(&path).unwrap(),
+            written: written.clone(),
+        };
         let pool = Pool::open_medium(Arc::new(m), PoolOptions::default()).unwrap();
         pool.create_volume("v", VOL).unwrap();
         let v = pool.open_head("v").unwrap();
@@ -261,7 +292,8 @@ fn cbt_rows(dir: &Path, rows: &mut Vec<Row>, out: &mut Vec<String>) {
     let pool = Pool::open(dir.join("cbt"), PoolOptions::default()).unwrap();
     // Same writes into a tracked and an untracked volume, alternating rounds.
     pool.create_volume("on", VOL).unwrap();
-    pool.create_volume_with("off", VOL, &VolumeOptions { cbt_granularity: 0 }).unwrap();
+    pool.create_volume_with("off", VOL, &VolumeOptions { cbt_granularity: 0 })
+        .unwrap();
     let blk = vec![0x33u8; 4096];
     let mb = vec![0x44u8; 1 << 20];
     let mut r4 = [Vec::new(), Vec::new()];
@@ -283,8 +315,18 @@ fn cbt_rows(dir: &Path, rows: &mut Vec<Row>, out: &mut Vec<String>) {
         }
         pool.flush().unwrap();
     }
-    rows.push(Row { name: "4 KiB random write, CBT on vs off".into(), store: median(r4[0].clone()), file: median(r4[1].clone()), unit: "IOPS" });
-    rows.push(Row { name: "1 MiB sequential write, CBT on vs off".into(), store: median(r1m[0].clone()), file: median(r1m[1].clone()), unit: "MiB/s" });
+    rows.push(Row {
+        name: "4 KiB random write, CBT on vs off".into(),
+        store: median(r4[0].clone()),
+        file: median(r4[1].clone()),
+        unit: "IOPS",
+    });
+    rows.push(Row {
+        name: "1 MiB sequential write, CBT on vs off".into(),
+        store: median(r1m[0].clone()),
+        file: median(r1m[1].clone()),
+        unit: "MiB/s",
+    });
 
     // Diff of two points of a 1 TiB volume with 1% of its 64 KiB blocks changed.
     let tib = GIB << 10;
@@ -339,7 +381,12 @@ fn main() {
     for r in &rows {
         println!(
             "| {} | {:.0} {} | {:.0} {} | {:.2}× |",
-            r.name, r.store, r.unit, r.file, r.unit, r.store / r.file
+            r.name,
+            r.store,
+            r.unit,
+            r.file,
+            r.unit,
+            r.store / r.file
         );
     }
     snapshot_rows(&dir, &mut other);

@@ -110,7 +110,7 @@ pub mod medium;
 mod pool;
 
 pub use error::{Error, ErrorKind, Result};
-pub use medium::{DirMedium, MemMedium, Medium, MediumFile};
+pub use medium::{DirMedium, Medium, MediumFile, MemMedium};
 pub use pool::{validate_name, Pool, PoolStats, Volume, MAX_VOLUME_SIZE};
 
 /// Size of a stored block: the unit of allocation, checksumming and

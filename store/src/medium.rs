@@ -26,6 +26,10 @@ pub trait MediumFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// The file's length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file has no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Sets the length (truncates or extends with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Gives the space of a range back to the medium; it reads as zeros after.

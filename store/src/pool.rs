@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
 use crate::{
-    Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, Version, VerifyReport,
+    Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, Version,
     VolumeInfo, VolumeOptions, BLOCK,
 };
 use parking_lot::{Mutex, RwLock};
@@ -56,7 +56,10 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     if name == "." || name == ".." {
         return bad("'.' and '..' are reserved");
     }
-    if let Some(c) = name.chars().find(|c| c.is_control() || *c == '/' || *c == '@') {
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_control() || *c == '/' || *c == '@')
+    {
         return bad(&format!(
             "{c:?} is not allowed (no '/', '@' or control characters)"
         ));
@@ -65,7 +68,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 }
 
 fn validate_size(size: u64) -> Result<()> {
-    if size == 0 || size % SIZE_ALIGN != 0 || size > MAX_VOLUME_SIZE {
+    if size == 0 || !size.is_multiple_of(SIZE_ALIGN) || size > MAX_VOLUME_SIZE {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!(
@@ -218,16 +221,12 @@ impl VolState {
             if t < lo || t > epoch {
                 continue;
             }
-            match it.peek() {
-                Some(&&(b2, t2)) if b2 == b => {
-                    // A newer entry exists: drop this one if it is in the
-                    // window but not the window's last, or if the next view
-                    // sees the newer one.
-                    if t2 <= epoch || next.is_none_or(|n| t2 <= n) {
-                        drops.push((b, t));
-                    }
+            // A newer entry exists: drop this one if it is in the window but
+            // not the window's last, or if the next view sees the newer one.
+            if let Some(&&(b2, t2)) = it.peek() {
+                if b2 == b && (t2 <= epoch || next.is_none_or(|n| t2 <= n)) {
+                    drops.push((b, t));
                 }
-                _ => {}
             }
         }
         drops
@@ -395,7 +394,10 @@ impl Pool {
         }
         used.sort_unstable();
         used.dedup();
-        let file_slots = data.len().map_err(|e| Error::io("cannot stat the data file", e))? / B;
+        let file_slots = data
+            .len()
+            .map_err(|e| Error::io("cannot stat the data file", e))?
+            / B;
         let high = file_slots.max(used.last().map(|s| s + 1).unwrap_or(0));
         let alloc = Alloc::rebuild(&used, high, opts.reuse_reserve_bytes / B);
 
@@ -404,7 +406,9 @@ impl Pool {
         let jfile = medium
             .open(&journal_name(last_jid), true)
             .map_err(|e| Error::io("cannot open the journal", e))?;
-        let jpos = jfile.len().map_err(|e| Error::io("cannot stat the journal", e))?;
+        let jpos = jfile
+            .len()
+            .map_err(|e| Error::io("cannot stat the journal", e))?;
         let inner = Arc::new(Inner {
             medium,
             _lock: lock,
@@ -415,7 +419,9 @@ impl Pool {
                 id: last_jid,
                 pos: jpos,
                 prealloc: jpos,
-                chunk: JOURNAL_CHUNK.min(opts.journal_limit.next_power_of_two()).max(4096),
+                chunk: JOURNAL_CHUNK
+                    .min(opts.journal_limit.next_power_of_two())
+                    .max(4096),
                 seq,
                 buf: Vec::new(),
             }),
@@ -445,7 +451,12 @@ impl Pool {
     }
 
     /// Creates a thin volume.
-    pub fn create_volume_with(&self, name: &str, size: u64, opts: &VolumeOptions) -> Result<VolumeInfo> {
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size: u64,
+        opts: &VolumeOptions,
+    ) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         validate_size(size)?;
         let g = opts.cbt_granularity;
@@ -513,10 +524,11 @@ impl Pool {
             if st.deleted {
                 return Err(deleted(name));
             }
-            let seq = self.inner.journal.lock().append(&Record::VolumeResize {
-                id: cell.id,
-                size,
-            })?;
+            let seq = self
+                .inner
+                .journal
+                .lock()
+                .append(&Record::VolumeResize { id: cell.id, size })?;
             st.size = size;
             seq
         };
@@ -527,7 +539,11 @@ impl Pool {
     /// Deletes a volume with all its snapshots.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let mut vols = self.inner.vols.write();
-        let cell = vols.by_name.get(name).cloned().ok_or_else(|| not_found_vol(name))?;
+        let cell = vols
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found_vol(name))?;
         let mut st = cell.st.write();
         let rec = Record::VolumeDelete { id: cell.id };
         let seq = self.inner.journal.lock().append(&rec)?;
@@ -843,8 +859,14 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
 
 /// Reads frames from a whole file. Returns the frames and whether the file
 /// ended cleanly (false: damaged or torn bytes at `offset`).
-fn read_frames(file: &dyn MediumFile) -> Result<(Vec<(u64, Record)>, Option<u64>)> {
-    let len = file.len().map_err(|e| Error::io("cannot stat metadata file", e))? as usize;
+/// Frames read from a file: (seq, record) in file order, and the byte offset
+/// of damaged or torn bytes that ended the read, if any.
+type Frames = (Vec<(u64, Record)>, Option<u64>);
+
+fn read_frames(file: &dyn MediumFile) -> Result<Frames> {
+    let len = file
+        .len()
+        .map_err(|e| Error::io("cannot stat metadata file", e))? as usize;
     let mut bytes = vec![0u8; len];
     file.read_at(&mut bytes, 0)
         .map_err(|e| Error::io("cannot read metadata file", e))?;
@@ -882,17 +904,25 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
     if let Some(off) = bad {
         return Err(damaged(format!("invalid frame at byte {off}")));
     }
-    let Some((_, Record::CheckpointBegin {
-        journal_id,
-        next_vol_id,
-        seq,
-    })) = frames.first().cloned()
+    let Some((
+        _,
+        Record::CheckpointBegin {
+            journal_id,
+            next_vol_id,
+            seq,
+        },
+    )) = frames.first().cloned()
     else {
         return Err(damaged("no begin record".into()));
     };
     match frames.last() {
-        Some((_, Record::CheckpointEnd { journal_id: j, frames: n }))
-            if *j == journal_id && *n == frames.len() as u64 => {}
+        Some((
+            _,
+            Record::CheckpointEnd {
+                journal_id: j,
+                frames: n,
+            },
+        )) if *j == journal_id && *n == frames.len() as u64 => {}
         _ => return Err(damaged("truncated (no matching end record)".into())),
     }
     vols.next_id = next_vol_id;
@@ -1293,7 +1323,10 @@ impl Inner {
             .and_then(|_| self.medium.sync_dir())
             .map_err(|e| Error::io("cannot write a checkpoint", e))?;
         for name in self.medium.list().unwrap_or_default() {
-            if let Some(id) = name.strip_prefix("journal.").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(id) = name
+                .strip_prefix("journal.")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 if id <= old_id {
                     let _ = self.medium.remove(&name);
                 }
@@ -1503,8 +1536,7 @@ impl Volume {
                         let nb = bstart + n as u64 * B;
                         match locs[i + n] {
                             Loc::Data { slot: s2, .. }
-                                if s2 == slot + n as u64
-                                    && nb + B <= offset + buf.len() as u64 =>
+                                if s2 == slot + n as u64 && nb + B <= offset + buf.len() as u64 =>
                             {
                                 n += 1
                             }
@@ -1519,7 +1551,11 @@ impl Volume {
                         .map_err(|e| Error::io(format!("{}: read failed", self.label()), e))?;
                     for k in 0..n {
                         if let Loc::Data { crc, .. } = locs[i + k] {
-                            self.check_crc(&dst[k * BLOCK..(k + 1) * BLOCK], crc, bstart + k as u64 * B)?;
+                            self.check_crc(
+                                &dst[k * BLOCK..(k + 1) * BLOCK],
+                                crc,
+                                bstart + k as u64 * B,
+                            )?;
                         }
                     }
                     i += n;
@@ -1586,7 +1622,13 @@ impl Volume {
             } else {
                 let hi = (bstart + B).min(end);
                 let from = (pos - offset) as usize;
-                seq = self.patch_block(b, (pos - bstart) as usize, Some(&data[from..from + (hi - pos) as usize]), hi - pos, false)?;
+                seq = self.patch_block(
+                    b,
+                    (pos - bstart) as usize,
+                    Some(&data[from..from + (hi - pos) as usize]),
+                    hi - pos,
+                    false,
+                )?;
                 pos = hi;
             }
         }
@@ -1597,7 +1639,14 @@ impl Volume {
     }
 
     /// Read-modify-write of part of one block (`data` None: zeros).
-    fn patch_block(&self, b: u64, at: usize, data: Option<&[u8]>, len: u64, trim: bool) -> Result<u64> {
+    fn patch_block(
+        &self,
+        b: u64,
+        at: usize,
+        data: Option<&[u8]>,
+        len: u64,
+        trim: bool,
+    ) -> Result<u64> {
         let stripe = (b as usize ^ (self.cell.id as usize).wrapping_mul(0x9e37_79b9)) % STRIPES;
         let _g = self.inner.stripes[stripe].lock();
         let mut blk = vec![0u8; BLOCK];
@@ -1626,7 +1675,10 @@ impl Volume {
                 locs.push(if zero_is_hole { Loc::Hole } else { Loc::Zero });
             } else {
                 need += 1;
-                locs.push(Loc::Data { slot: 0, crc: format::block_crc(c) });
+                locs.push(Loc::Data {
+                    slot: 0,
+                    crc: format::block_crc(c),
+                });
             }
         }
         let runs = if need > 0 {
@@ -1749,7 +1801,8 @@ impl Volume {
                 pos += n * B;
             } else {
                 let hi = (bstart + B).min(end);
-                seq = seq.max(self.patch_block(b, (pos - bstart) as usize, None, hi - pos, trim)?);
+                seq =
+                    seq.max(self.patch_block(b, (pos - bstart) as usize, None, hi - pos, trim)?);
                 pos = hi;
             }
         }
@@ -1777,7 +1830,8 @@ impl Volume {
                 .map(|(&(blk, _), _)| blk)
                 .collect();
             blocks.dedup();
-            let items: Vec<UpdateItem> = blocks.iter().filter_map(|&blk| st.plan(blk, loc)).collect();
+            let items: Vec<UpdateItem> =
+                blocks.iter().filter_map(|&blk| st.plan(blk, loc)).collect();
             if !items.is_empty() {
                 let rec = Record::Update {
                     vol: self.cell.id,
@@ -1810,7 +1864,12 @@ impl Volume {
     /// Zeroes a range; deallocates it unless `no_hole`, in which case it
     /// stays allocated as known zeros (still without using data space).
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<()> {
-        self.unmap(offset, len, if no_hole { Loc::Zero } else { Loc::Hole }, fua)
+        self.unmap(
+            offset,
+            len,
+            if no_hole { Loc::Zero } else { Loc::Hole },
+            fua,
+        )
     }
 
     /// Makes every completed write (of any handle) durable.
@@ -1885,6 +1944,8 @@ impl Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("export", &self.label()).finish()
+        f.debug_struct("Volume")
+            .field("export", &self.label())
+            .finish()
     }
 }

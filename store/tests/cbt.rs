@@ -36,7 +36,8 @@ fn granules(o: u64, l: u64) -> std::ops::RangeInclusive<u64> {
 fn run(ops: Vec<Op>) {
     let mut medium = MemMedium::new();
     let mut pool = Pool::open_medium(Arc::new(medium.clone()), PoolOptions::default()).unwrap();
-    pool.create_volume_with("v", SIZE, &VolumeOptions { cbt_granularity: G }).unwrap();
+    pool.create_volume_with("v", SIZE, &VolumeOptions { cbt_granularity: G })
+        .unwrap();
     let mut head = vec![0u8; SIZE as usize];
     let ng = (SIZE / G) as usize;
     // Live points: name, image, and the granules touched since the point.
@@ -101,14 +102,26 @@ fn run(ops: Vec<Op>) {
                     }
                 }
                 // Touched since A and not since B = touched between them.
-                let touched_b = if bi < points.len() { Some(&points[bi].2) } else { None };
+                let touched_b = if bi < points.len() {
+                    Some(&points[bi].2)
+                } else {
+                    None
+                };
                 for g in 0..ng {
                     let r = g * G as usize..(g + 1) * G as usize;
                     if a.1[r.clone()] != bimg[r] {
-                        assert!(dirty[g], "granule {g} changed between {} and {bname:?} but is not in the diff", a.0);
+                        assert!(
+                            dirty[g],
+                            "granule {g} changed between {} and {bname:?} but is not in the diff",
+                            a.0
+                        );
                     }
                     if dirty[g] {
-                        assert!(a.2[g], "granule {g} reported dirty but never touched since {}", a.0);
+                        assert!(
+                            a.2[g],
+                            "granule {g} reported dirty but never touched since {}",
+                            a.0
+                        );
                         if let Some(tb) = touched_b {
                             // Touched only after B cannot be dirty up to B;
                             // this needs B's own touched set to be a subset.
@@ -135,7 +148,14 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
     let blocks = 4096u64;
-    pool.create_volume_with("v", blocks * 4096, &VolumeOptions { cbt_granularity: 4096 }).unwrap();
+    pool.create_volume_with(
+        "v",
+        blocks * 4096,
+        &VolumeOptions {
+            cbt_granularity: 4096,
+        },
+    )
+    .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
@@ -169,7 +189,12 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
     let nsnaps = snapper.join().unwrap();
     assert!(nsnaps >= 2, "snapshots were taken while writing");
     pool.create_snapshot("v", "final").unwrap();
-    let names: Vec<String> = pool.snapshots("v").unwrap().into_iter().map(|s| s.name).collect();
+    let names: Vec<String> = pool
+        .snapshots("v")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     let mut owner = vec![None::<usize>; blocks as usize];
     // Epoch of each block: the one diff between consecutive points it is in.
     let mut first = pool.open_snapshot("v", &names[0]).unwrap();
@@ -188,7 +213,10 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
                 assert!(owner[b as usize].is_none(), "block {b} is in two epochs");
                 owner[b as usize] = Some(i);
                 snap.read_at(&mut buf, b * 4096).unwrap();
-                assert_ne!(buf[0], 0, "block {b} dirty in epoch {i} but not in its point");
+                assert_ne!(
+                    buf[0], 0,
+                    "block {b} dirty in epoch {i} but not in its point"
+                );
             }
         }
         first = snap;
@@ -198,7 +226,10 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
         if i > 0 {
             let before = pool.open_snapshot("v", &names[i - 1]).unwrap();
             before.read_at(&mut buf, b * 4096).unwrap();
-            assert_eq!(buf[0], 0, "block {b} is in epoch {i} but already in the point before");
+            assert_eq!(
+                buf[0], 0,
+                "block {b} is in epoch {i} but already in the point before"
+            );
         }
     }
 }
@@ -226,9 +257,16 @@ fn versions_name_the_point_holding_the_data() {
     );
     // Deleting the middle point: its data now belongs to the next one.
     pool.delete_snapshot("v", "inc1").unwrap();
-    let v = pool.open_snapshot("v", "full").unwrap().versions(0, 8192).unwrap();
+    let v = pool
+        .open_snapshot("v", "full")
+        .unwrap()
+        .versions(0, 8192)
+        .unwrap();
     assert_eq!(v, vec![(0, 8192, Version::Point("full".into()))]);
-    assert_eq!(h.versions(4096, 4096).unwrap(), vec![(4096, 4096, Version::Head)]);
+    assert_eq!(
+        h.versions(4096, 4096).unwrap(),
+        vec![(4096, 4096, Version::Head)]
+    );
     let d = pool.diff("v", "full", None).unwrap();
     assert_eq!(d.extents, vec![(0, 65536)]);
 }

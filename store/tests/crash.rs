@@ -91,7 +91,8 @@ fn one_run(seed: u64) {
     let crashed = medium.crash(|_, _| rng.gen_bool(keep_p));
     drop(h);
     drop(pool);
-    let pool = Pool::open_medium(Arc::new(crashed), opts).unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
+    let pool = Pool::open_medium(Arc::new(crashed), opts)
+        .unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
     let h = pool.open_head("v").unwrap();
     let mut got = vec![0u8; SIZE as usize];
     h.read_at(&mut got, 0)
@@ -104,7 +105,12 @@ fn one_run(seed: u64) {
             g[0]
         );
     }
-    let mut names: Vec<String> = pool.snapshots("v").unwrap().into_iter().map(|s| s.name).collect();
+    let mut names: Vec<String> = pool
+        .snapshots("v")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     names.sort();
     let mut want: Vec<String> = snaps.keys().cloned().collect();
     want.sort();
@@ -112,10 +118,17 @@ fn one_run(seed: u64) {
     for (name, img) in &snaps {
         let s = pool.open_snapshot("v", name).unwrap();
         s.read_at(&mut got, 0).unwrap();
-        assert!(got == *img, "seed {seed}: snapshot {name} changed by the crash");
+        assert!(
+            got == *img,
+            "seed {seed}: snapshot {name} changed by the crash"
+        );
     }
     let report = pool.verify().unwrap();
-    assert!(report.damaged.is_empty(), "seed {seed}: {:?}", report.damaged);
+    assert!(
+        report.damaged.is_empty(),
+        "seed {seed}: {:?}",
+        report.damaged
+    );
 }
 
 #[test]

@@ -5,11 +5,15 @@ use std::os::unix::fs::MetadataExt;
 use store::{ErrorKind, Pool, PoolOptions, BLOCK};
 
 fn pat(b: u64) -> Vec<u8> {
-    (0..BLOCK).map(|i| (b as usize * 7 + i / 64) as u8 | 0x80).collect()
+    (0..BLOCK)
+        .map(|i| (b as usize * 7 + i / 64) as u8 | 0x80)
+        .collect()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.chunks(BLOCK).position(|c| c == needle).map(|i| i * BLOCK)
+    hay.chunks(BLOCK)
+        .position(|c| c == needle)
+        .map(|i| i * BLOCK)
 }
 
 #[test]
@@ -40,13 +44,18 @@ fn flipped_data_bytes_are_reported_not_returned() {
     assert_eq!(e.kind(), ErrorKind::Corruption);
     assert!(e.to_string().contains("offset 20480"), "{e}");
     // A read spanning the damage fails as a whole; neighbours read fine.
-    assert!(h.read_at(&mut vec![0u8; 3 * BLOCK], 4 * BLOCK as u64).is_err());
+    assert!(h
+        .read_at(&mut vec![0u8; 3 * BLOCK], 4 * BLOCK as u64)
+        .is_err());
     h.read_at(&mut buf, 4 * BLOCK as u64).unwrap();
     assert_eq!(buf, pat(4));
     h.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, pat(100));
     let s = pool.open_snapshot("v", "s1").unwrap();
-    assert_eq!(s.read_at(&mut buf, 0).unwrap_err().kind(), ErrorKind::Corruption);
+    assert_eq!(
+        s.read_at(&mut buf, 0).unwrap_err().kind(),
+        ErrorKind::Corruption
+    );
     s.read_at(&mut buf, 6 * BLOCK as u64).unwrap();
     assert_eq!(buf, pat(6));
 
@@ -57,7 +66,10 @@ fn flipped_data_bytes_are_reported_not_returned() {
         .map(|d| (d.snapshot.clone(), d.offset))
         .collect();
     found.sort();
-    assert_eq!(found, vec![(None, 5 * BLOCK as u64), (Some("s1".into()), 0)]);
+    assert_eq!(
+        found,
+        vec![(None, 5 * BLOCK as u64), (Some("s1".into()), 0)]
+    );
     assert!(report.blocks_checked >= 17);
 
     // Rewriting a damaged block heals the head.
@@ -72,14 +84,19 @@ fn flipped_metadata_bytes_are_reported() {
     {
         let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
         pool.create_volume("v", 1 << 20).unwrap();
-        pool.open_head("v").unwrap().write_at(&pat(1), 0, true).unwrap();
+        pool.open_head("v")
+            .unwrap()
+            .write_at(&pat(1), 0, true)
+            .unwrap();
     }
     let ck = dir.path().join("checkpoint");
     let mut bytes = std::fs::read(&ck).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&ck, &bytes).unwrap();
-    let e = Pool::open(dir.path(), PoolOptions::default()).err().expect("damaged metadata must not open silently");
+    let e = Pool::open(dir.path(), PoolOptions::default())
+        .err()
+        .expect("damaged metadata must not open silently");
     assert_eq!(e.kind(), ErrorKind::Corruption);
     assert!(e.to_string().contains("checkpoint"), "{e}");
 }
@@ -120,7 +137,10 @@ fn space_comes_back_after_snapshot_deletion() {
     pool.delete_snapshot("v", "b").unwrap();
     pool.flush().unwrap();
     let after_b = allocated(&data);
-    assert!(after_b <= (64 << 20) + (4 << 20), "after deleting b: {after_b}");
+    assert!(
+        after_b <= (64 << 20) + (4 << 20),
+        "after deleting b: {after_b}"
+    );
     let a = pool.open_snapshot("v", "a").unwrap();
     let mut buf = vec![0u8; 1 << 20];
     a.read_at(&mut buf, 7 << 20).unwrap();
@@ -129,7 +149,10 @@ fn space_comes_back_after_snapshot_deletion() {
     pool.flush().unwrap();
     let live = 32u64 << 20;
     let end = allocated(&data);
-    assert!(end <= live + live / 10 + (64 << 20), "after deleting all: {end}");
+    assert!(
+        end <= live + live / 10 + (64 << 20),
+        "after deleting all: {end}"
+    );
     assert!(end <= live + (4 << 20), "reclaim is exact here: {end}");
     h.read_at(&mut buf, 31 << 20).unwrap();
     assert_eq!(buf[0], 3);
@@ -149,27 +172,67 @@ fn bad_input_gets_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
     for bad in ["", "a/b", "a@b", "x\ny", ".", ".."] {
-        assert_eq!(pool.create_volume(bad, 1 << 20).unwrap_err().kind(), ErrorKind::InvalidName, "{bad:?}");
+        assert_eq!(
+            pool.create_volume(bad, 1 << 20).unwrap_err().kind(),
+            ErrorKind::InvalidName,
+            "{bad:?}"
+        );
     }
-    assert_eq!(pool.create_volume("v", 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(pool.create_volume("v", 1000).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(pool.create_volume("v", 1 << 60).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        pool.create_volume("v", 0).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        pool.create_volume("v", 1000).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        pool.create_volume("v", 1 << 60).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
     pool.create_volume("v", 64 << 40).unwrap();
-    assert_eq!(pool.create_volume("v", 1 << 20).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    assert_eq!(
+        pool.create_volume("v", 1 << 20).unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
     let h = pool.open_head("v").unwrap();
     let mut b = [0u8; 10];
-    assert_eq!(h.read_at(&mut b, (64 << 40) - 5).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(h.write_at(&b, u64::MAX - 3, false).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(h.trim(u64::MAX, 2, false).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(
+        h.read_at(&mut b, (64 << 40) - 5).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        h.write_at(&b, u64::MAX - 3, false).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        h.trim(u64::MAX, 2, false).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
     h.write_at(b"end", (64 << 40) - 3, true).unwrap();
-    assert_eq!(pool.open_snapshot("v", "nope").unwrap_err().kind(), ErrorKind::NotFound);
-    assert_eq!(pool.open_head("nope").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        pool.open_snapshot("v", "nope").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pool.open_head("nope").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     pool.create_snapshot("v", "s").unwrap();
     let s = pool.open_snapshot("v", "s").unwrap();
-    assert_eq!(s.write_at(b"x", 0, false).unwrap_err().kind(), ErrorKind::ReadOnly);
-    assert_eq!(s.trim(0, 4096, false).unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(
+        s.write_at(b"x", 0, false).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
+    assert_eq!(
+        s.trim(0, 4096, false).unwrap_err().kind(),
+        ErrorKind::ReadOnly
+    );
     // Shrinking needs consent.
-    assert_eq!(pool.resize_volume("v", 1 << 20, false).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        pool.resize_volume("v", 1 << 20, false).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
     pool.resize_volume("v", 1 << 20, true).unwrap();
     pool.resize_volume("v", 2 << 20, false).unwrap();
     // The shrunk-away tail reads as zeros after growing again.
@@ -181,7 +244,13 @@ fn bad_input_gets_typed_errors() {
     s.read_at(&mut t, (64 << 40) - 3).unwrap();
     assert_eq!(&t, b"end");
     // A second opener of the same directory is refused.
-    assert_eq!(Pool::open(dir.path(), PoolOptions::default()).err().unwrap().kind(), ErrorKind::Locked);
+    assert_eq!(
+        Pool::open(dir.path(), PoolOptions::default())
+            .err()
+            .unwrap()
+            .kind(),
+        ErrorKind::Locked
+    );
     // A deleted snapshot's handle errors instead of reading stale data.
     pool.delete_snapshot("v", "s").unwrap();
     assert_eq!(s.read_at(&mut t, 0).unwrap_err().kind(), ErrorKind::Deleted);
@@ -210,5 +279,8 @@ fn reuse_reserve_is_bounded() {
     pool.delete_snapshot("v", "a").unwrap();
     pool.flush().unwrap();
     let end = allocated(&dir.path().join("data"));
-    assert!(end <= (32 << 20) + (4 << 20) + (1 << 20), "reserve exceeded: {end}");
+    assert!(
+        end <= (32 << 20) + (4 << 20) + (1 << 20),
+        "reserve exceeded: {end}"
+    );
 }

@@ -28,8 +28,18 @@ fn kill9_child_writer() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let start: u64 = std::env::var("SNAPGATE_KILL9_START").unwrap().parse().unwrap();
-    let pool = Pool::open(&dir, PoolOptions { journal_limit: 256 << 10, ..PoolOptions::default() }).unwrap();
+    let start: u64 = std::env::var("SNAPGATE_KILL9_START")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pool = Pool::open(
+        &dir,
+        PoolOptions {
+            journal_limit: 256 << 10,
+            ..PoolOptions::default()
+        },
+    )
+    .unwrap();
     if pool.volumes().is_empty() {
         pool.create_volume("v", BLOCKS * BLOCK as u64).unwrap();
     }
@@ -61,7 +71,13 @@ fn kill9_at_twenty_points() {
     let mut snaps: Vec<u64> = Vec::new();
     for round in 0..20u64 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "kill9_child_writer", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "kill9_child_writer",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env("SNAPGATE_KILL9_START", next.to_string())
             .stdout(Stdio::piped())
@@ -101,12 +117,23 @@ fn kill9_at_twenty_points() {
             h.read_at(&mut buf, b * BLOCK as u64).unwrap();
             let i = u64::from_le_bytes(buf[..8].try_into().unwrap());
             // Last durable write to this block.
-            let last_durable = if d >= b { Some(d - (d - b) % BLOCKS) } else { None };
+            let last_durable = if d >= b {
+                Some(d - (d - b) % BLOCKS)
+            } else {
+                None
+            };
             if let Some(ld) = last_durable {
-                assert!(i >= ld, "round {round}: block {b} holds write {i}, older than durable write {ld}");
+                assert!(
+                    i >= ld,
+                    "round {round}: block {b} holds write {i}, older than durable write {ld}"
+                );
             }
             if buf.iter().any(|&x| x != 0) {
-                assert_eq!(buf, content(i, b), "round {round}: block {b} is torn or mixed");
+                assert_eq!(
+                    buf,
+                    content(i, b),
+                    "round {round}: block {b} is torn or mixed"
+                );
                 newest = newest.max(i);
             }
         }
@@ -114,7 +141,11 @@ fn kill9_at_twenty_points() {
             let sv = pool.open_snapshot("v", &format!("s{s}")).unwrap();
             // The snapshot holds write s itself.
             sv.read_at(&mut buf, (s % BLOCKS) * BLOCK as u64).unwrap();
-            assert_eq!(buf, content(*s, s % BLOCKS), "round {round}: snapshot s{s} lost data");
+            assert_eq!(
+                buf,
+                content(*s, s % BLOCKS),
+                "round {round}: snapshot s{s} lost data"
+            );
         }
         assert!(pool.verify().unwrap().damaged.is_empty());
         next = newest.max(d) + 1;

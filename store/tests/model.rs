@@ -150,8 +150,15 @@ fn run(ops: Vec<Op>) {
     }
     check(&pool, &head, &snaps);
     let info = pool.volume_info("v").unwrap();
-    let head_blocks = head.chunks(4096).filter(|c| c.iter().any(|&b| b != 0)).count() as u64;
-    assert_eq!(info.allocated_bytes, head_blocks * 4096, "garbage left after deleting all snapshots");
+    let head_blocks = head
+        .chunks(4096)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count() as u64;
+    assert_eq!(
+        info.allocated_bytes,
+        head_blocks * 4096,
+        "garbage left after deleting all snapshots"
+    );
 }
 
 proptest! {
