@@ -197,7 +197,7 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
         .collect();
     let mut owner = vec![None::<usize>; blocks as usize];
     // Epoch of each block: the one diff between consecutive points it is in.
-    let mut first = pool.open_snapshot("v", &names[0]).unwrap();
+    let first = pool.open_snapshot("v", &names[0]).unwrap();
     let mut buf = [0u8; 4096];
     for b in 0..blocks {
         first.read_at(&mut buf, b * 4096).unwrap();
@@ -219,7 +219,6 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
                 );
             }
         }
-        first = snap;
     }
     for b in 0..blocks {
         let i = owner[b as usize].unwrap_or_else(|| panic!("block {b} is in no epoch"));

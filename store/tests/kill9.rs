@@ -54,7 +54,7 @@ fn kill9_child_writer() {
             h.flush().unwrap();
             writeln!(out.lock(), "durable {i}").unwrap();
         }
-        if i % 97 == 0 {
+        if i.is_multiple_of(97) {
             pool.create_snapshot("v", &format!("s{i}")).unwrap();
             writeln!(out.lock(), "snapshot {i}").unwrap();
         }

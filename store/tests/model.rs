@@ -46,7 +46,7 @@ fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| {
             let x = seed as u64 * 131 + off + i;
-            if seed % 5 == 0 {
+            if seed.is_multiple_of(5) {
                 0
             } else {
                 (x ^ (x >> 7)) as u8 | 1
