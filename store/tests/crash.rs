@@ -20,8 +20,12 @@ fn one_run(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let medium = MemMedium::new();
     let opts = PoolOptions {
-        journal_limit: if seed % 2 == 0 { 2048 } else { 1 << 20 },
-        reuse_reserve_bytes: if seed % 3 == 0 { 0 } else { 64 << 20 },
+        journal_limit: if seed.is_multiple_of(2) {
+            2048
+        } else {
+            1 << 20
+        },
+        reuse_reserve_bytes: if seed.is_multiple_of(3) { 0 } else { 64 << 20 },
     };
     let pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
     pool.create_volume("v", SIZE).unwrap();
