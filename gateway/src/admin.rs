@@ -1,0 +1,883 @@
+//! The admin endpoint: HTTP + JSON over the pool, used by the `snapgate` CLI
+//! and by scripts, plus `GET /metrics` for Prometheus.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/health` | | 200 `{"status":"ok"}` |
+//! | GET | `/v1/site` | | `{site, version}` |
+//! | GET | `/v1/volumes` | | `[Volume]` |
+//! | POST | `/v1/volumes` | `{name, size}` | 201 `Volume` |
+//! | GET | `/v1/volumes/{name}` | | `Volume` |
+//! | POST | `/v1/volumes/{name}/resize` | `{size, shrink?}` | `Volume` |
+//! | DELETE | `/v1/volumes/{name}` | | 204 |
+//! | GET | `/v1/volumes/{name}/snapshots` | | `[Snapshot]` |
+//! | POST | `/v1/volumes/{name}/snapshots` | `{name}` | 201 `Snapshot` |
+//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 204 |
+//! | GET | `/v1/volumes/{name}/diff?from=A[&to=B]` | | `Diff`: changed extents after point A, up to point B or the head |
+//! | GET | `/v1/mounts` | | `[Mount]` |
+//! | POST | `/v1/mounts` | `{dir}` (absolute) | 201 `Mount`: the FUSE view, served by this gateway |
+//! | DELETE | `/v1/mounts?dir=DIR` | | 204 |
+//! | GET | `/metrics` | | Prometheus text |
+//!
+//! Sizes are bytes. Names go in the path percent-encoded (a mirror volume's
+//! `/` as `%2F`). Every error is `{"error": "<one line>"}` with the status
+//! chosen by [`http_status`]. Store calls block, so each runs on tokio's
+//! blocking pool, never on the async workers that also carry NBD traffic.
+
+use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use crate::fuse::{self, FuseView, MountError};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use store::{Pool, SnapshotInfo, VolumeInfo, VolumeOptions};
+
+/// A volume as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub name: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Bytes of stored data the volume and its snapshots hold.
+    pub allocated_bytes: u64,
+    pub snapshots: usize,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: u64,
+    /// Bytes per changed-block-tracking bit.
+    #[serde(default)]
+    pub cbt_granularity: u64,
+}
+
+impl From<VolumeInfo> for VolumeView {
+    fn from(v: VolumeInfo) -> Self {
+        VolumeView {
+            name: v.name,
+            size: v.size,
+            allocated_bytes: v.allocated_bytes,
+            snapshots: v.snapshots,
+            created_ms: v.created_ms,
+            cbt_granularity: v.cbt_granularity,
+        }
+    }
+}
+
+/// A snapshot as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub name: String,
+    pub volume: String,
+    /// The volume's size when the snapshot was taken, in bytes.
+    pub size: u64,
+    pub created_ms: u64,
+    /// The NBD export that serves it read-only: `volume@name`.
+    pub export: String,
+}
+
+impl From<SnapshotInfo> for SnapshotView {
+    fn from(s: SnapshotInfo) -> Self {
+        SnapshotView {
+            export: format!("{}@{}", s.volume, s.name),
+            name: s.name,
+            volume: s.volume,
+            size: s.size,
+            created_ms: s.created_ms,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteView {
+    pub site: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+    /// Bytes per change-tracking bit; 0 turns tracking off; absent: 64 KiB.
+    #[serde(default)]
+    pub cbt_granularity: Option<u64>,
+}
+
+/// Changed extents between two points of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffView {
+    pub volume: String,
+    pub from: String,
+    /// The newer point, or `null` for the head.
+    pub to: Option<String>,
+    /// Bytes per tracking bit: extents are whole multiples of it (clipped
+    /// to the volume's end).
+    pub granularity: u64,
+    pub extents: Vec<ExtentView>,
+    /// Sum of the extents' lengths.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentView {
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DiffQuery {
+    pub from: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// A FUSE view served by the gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountView {
+    pub dir: String,
+    pub site: String,
+    pub alive: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub dir: String,
+}
+
+/// The FUSE views this gateway serves, by canonical directory. Dropping a
+/// view unmounts it.
+pub type Mounts = Arc<Mutex<BTreeMap<PathBuf, FuseView>>>;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    pub size: u64,
+    /// Shrinking discards the data past the new end, so it must be asked
+    /// for explicitly.
+    #[serde(default)]
+    pub shrink: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub site: String,
+    pub mounts: Mounts,
+}
+
+/// The admin API; serve it with `axum::serve`.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(prometheus))
+        .route("/v1/site", get(site))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/volumes/{name}/diff", get(diff))
+        .route(
+            "/v1/mounts",
+            get(list_mounts).post(create_mount).delete(delete_mount),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+/// The one place where a gateway error becomes an HTTP status.
+pub fn http_status(err: &Error) -> StatusCode {
+    use store::ErrorKind as K;
+    match err {
+        Error::Store(e) | Error::OpenPool { source: e, .. } => match e.kind() {
+            K::NotFound | K::Deleted => StatusCode::NOT_FOUND,
+            K::AlreadyExists => StatusCode::CONFLICT,
+            K::InvalidName | K::InvalidArgument | K::OutOfRange => StatusCode::BAD_REQUEST,
+            K::ReadOnly => StatusCode::CONFLICT,
+            K::Locked => StatusCode::LOCKED,
+            K::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            K::Corruption | K::Io => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::NotMounted(_) => StatusCode::NOT_FOUND,
+        Error::Mount(e) => match e {
+            MountError::Missing(_)
+            | MountError::NotADirectory(_)
+            | MountError::NotEmpty(_)
+            | MountError::InvalidSite(_) => StatusCode::BAD_REQUEST,
+            MountError::AlreadyMounted(_) => StatusCode::CONFLICT,
+            MountError::NoFuseDevice => StatusCode::SERVICE_UNAVAILABLE,
+            MountError::Stale { .. }
+            | MountError::Dir { .. }
+            | MountError::Mount { .. }
+            | MountError::Unmount { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        Error::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::Bind { .. } | Error::Io { .. } | Error::Internal(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = http_status(&self);
+        let message = self.to_string();
+        if status.is_server_error() {
+            tracing::error!(error = %message, "admin request failed");
+        } else {
+            tracing::debug!(error = %message, status = status.as_u16(), "admin request refused");
+        }
+        (status, Json(ErrorBody { error: message })).into_response()
+    }
+}
+
+/// Runs a blocking store call off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Turns axum's plain-text body rejections into our JSON errors.
+fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T> {
+    parsed
+        .map(|Json(v)| v)
+        .map_err(|e| Error::Invalid(format!("bad request body: {}", e.body_text())))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn site(State(st): State<AdminState>) -> Json<SiteView> {
+    Json(SiteView {
+        site: st.site.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+async fn list_volumes(State(st): State<AdminState>) -> Result<Json<Vec<VolumeView>>> {
+    let pool = st.pool;
+    let mut volumes = blocking(move || Ok(pool.volumes())).await?;
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(volumes.into_iter().map(VolumeView::from).collect()))
+}
+
+async fn create_volume(
+    State(st): State<AdminState>,
+    req: Result<Json<CreateVolume>, JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeView>)> {
+    let req = body(req)?;
+    let pool = st.pool;
+    let mut opts = VolumeOptions::default();
+    if let Some(g) = req.cbt_granularity {
+        opts.cbt_granularity = g;
+    }
+    let info = blocking(move || Ok(pool.create_volume_with(&req.name, req.size, &opts)?)).await?;
+    tracing::info!(volume = %info.name, size = info.size, "created volume");
+    Ok((StatusCode::CREATED, Json(info.into())))
+}
+
+async fn show_volume(
+    State(st): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeView>> {
+    let pool = st.pool;
+    let info = blocking(move || Ok(pool.volume_info(&name)?)).await?;
+    Ok(Json(info.into()))
+}
+
+async fn resize_volume(
+    State(st): State<AdminState>,
+    Path(name): Path<String>,
+    req: Result<Json<ResizeVolume>, JsonRejection>,
+) -> Result<Json<VolumeView>> {
+    let req = body(req)?;
+    let pool = st.pool;
+    let info = blocking(move || {
+        let current = pool.volume_info(&name)?;
+        if req.size < current.size && !req.shrink {
+            return Err(Error::Invalid(format!(
+                "shrinking volume {name} from {} to {} bytes discards data; ask for it explicitly (\"shrink\": true, or --shrink)",
+                current.size, req.size
+            )));
+        }
+        Ok(pool.resize_volume(&name, req.size, req.shrink)?)
+    })
+    .await?;
+    tracing::info!(volume = %info.name, size = info.size, "resized volume");
+    Ok(Json(info.into()))
+}
+
+async fn delete_volume(
+    State(st): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    let pool = st.pool;
+    let deleted = name.clone();
+    blocking(move || Ok(pool.delete_volume(&name)?)).await?;
+    tracing::info!(volume = %deleted, "deleted volume");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_snapshots(
+    State(st): State<AdminState>,
+    Path(volume): Path<String>,
+) -> Result<Json<Vec<SnapshotView>>> {
+    let pool = st.pool;
+    let snaps = blocking(move || Ok(pool.snapshots(&volume)?)).await?;
+    Ok(Json(snaps.into_iter().map(SnapshotView::from).collect()))
+}
+
+async fn create_snapshot(
+    State(st): State<AdminState>,
+    Path(volume): Path<String>,
+    req: Result<Json<CreateSnapshot>, JsonRejection>,
+) -> Result<(StatusCode, Json<SnapshotView>)> {
+    let req = body(req)?;
+    let pool = st.pool;
+    let snap = blocking(move || Ok(pool.create_snapshot(&volume, &req.name)?)).await?;
+    tracing::info!(volume = %snap.volume, snapshot = %snap.name, "created snapshot");
+    Ok((StatusCode::CREATED, Json(snap.into())))
+}
+
+async fn delete_snapshot(
+    State(st): State<AdminState>,
+    Path((volume, snap)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    let pool = st.pool;
+    let export = format!("{volume}@{snap}");
+    blocking(move || Ok(pool.delete_snapshot(&volume, &snap)?)).await?;
+    tracing::info!(snapshot = %export, "deleted snapshot");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A per-volume gauge: metric name, help text, value.
+type VolumeGauge = (&'static str, &'static str, fn(&VolumeInfo) -> u64);
+
+async fn diff(
+    State(st): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<DiffQuery>,
+) -> Result<Json<DiffView>> {
+    let d = blocking(move || Ok(st.pool.diff(&name, &q.from, q.to.as_deref())?)).await?;
+    Ok(Json(DiffView {
+        volume: d.volume,
+        from: d.from,
+        to: d.to,
+        granularity: d.granularity,
+        extents: d
+            .extents
+            .into_iter()
+            .map(|(offset, length)| ExtentView { offset, length })
+            .collect(),
+        bytes: d.bytes,
+    }))
+}
+
+fn mount_view(site: &str, v: &FuseView) -> MountView {
+    MountView {
+        dir: v.dir().display().to_string(),
+        site: site.to_owned(),
+        alive: v.is_alive(),
+    }
+}
+
+/// The directory of a mount request: absolute (the CLI resolves it; the
+/// gateway's working directory means nothing to the caller), canonical
+/// when it exists.
+fn mount_dir(dir: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(dir);
+    if !p.is_absolute() {
+        return Err(Error::Invalid(format!(
+            "mount directory {dir:?} must be an absolute path"
+        )));
+    }
+    Ok(std::fs::canonicalize(&p).unwrap_or(p))
+}
+
+async fn list_mounts(State(st): State<AdminState>) -> Json<Vec<MountView>> {
+    let mut mounts = st.mounts.lock();
+    // Views unmounted from outside (fusermount3 -u) are forgotten.
+    mounts.retain(|_, v| v.is_alive());
+    Json(mounts.values().map(|v| mount_view(&st.site, v)).collect())
+}
+
+async fn create_mount(
+    State(st): State<AdminState>,
+    parsed: Result<Json<MountRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<MountView>)> {
+    let req = body(parsed)?;
+    let dir = mount_dir(&req.dir)?;
+    let view = blocking(move || {
+        // A view left behind by a `snapgate mount` that was killed is
+        // replaced, as is one someone unmounted from outside.
+        let old = st.mounts.lock().remove(&dir);
+        if let Some(old) = old {
+            old.unmount()?;
+        }
+        let view = fuse::mount(Arc::clone(&st.pool), st.site.clone(), &dir)?;
+        let answer = mount_view(&st.site, &view);
+        tracing::info!(dir = %answer.dir, "FUSE view mounted");
+        st.mounts.lock().insert(view.dir().to_path_buf(), view);
+        Ok(answer)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MountQuery {
+    pub dir: String,
+}
+
+async fn delete_mount(
+    State(st): State<AdminState>,
+    Query(q): Query<MountQuery>,
+) -> Result<StatusCode> {
+    let dir = mount_dir(&q.dir)?;
+    let view = st.mounts.lock().remove(&dir);
+    match view {
+        Some(v) => {
+            blocking(move || Ok(v.unmount()?)).await?;
+            tracing::info!(dir = %dir.display(), "FUSE view unmounted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(Error::NotMounted(dir.display().to_string())),
+    }
+}
+
+async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
+    let pool = st.pool;
+    let mut volumes = blocking(move || Ok(pool.volumes())).await?;
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut out = String::new();
+    st.metrics.render(&mut out);
+    metrics::header(
+        &mut out,
+        "snapgate_build_info",
+        "gauge",
+        "Always 1; the labels name the gateway's version and site.",
+    );
+    let _ = writeln!(
+        out,
+        "snapgate_build_info{{version=\"{}\",site=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        metrics::escape_label(&st.site)
+    );
+    metrics::header(
+        &mut out,
+        "snapgate_volumes",
+        "gauge",
+        "Volumes in the pool.",
+    );
+    let _ = writeln!(out, "snapgate_volumes {}", volumes.len());
+    let gauges: [VolumeGauge; 3] = [
+        (
+            "snapgate_volume_size_bytes",
+            "Virtual size of each volume.",
+            |v| v.size,
+        ),
+        (
+            "snapgate_volume_allocated_bytes",
+            "Stored bytes held by each volume and its snapshots.",
+            |v| v.allocated_bytes,
+        ),
+        (
+            "snapgate_volume_snapshots",
+            "Snapshots of each volume.",
+            |v| v.snapshots as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        metrics::header(&mut out, name, "gauge", help);
+        for v in &volumes {
+            let _ = writeln!(
+                out,
+                "{name}{{volume=\"{}\"}} {}",
+                metrics::escape_label(&v.name),
+                value(v)
+            );
+        }
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+async fn no_route(method: Method, uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: format!("no such endpoint: {method} {}", uri.path()),
+        }),
+    )
+        .into_response()
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody {
+            error: format!("{method} is not allowed on {}", uri.path()),
+        }),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Op;
+    use serde_json::{json, Value};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    /// The router served on a loopback port over a fresh pool, driven with
+    /// real HTTP requests (the same client library as the CLI).
+    struct Api {
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        pool: Arc<Pool>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn api() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path().join("pool"), store::PoolOptions::default()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let app = router(AdminState {
+            pool: Arc::clone(&pool),
+            metrics: Arc::clone(&metrics),
+            site: "paris".into(),
+            mounts: Mounts::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Api {
+            addr,
+            metrics,
+            pool,
+            _dir: dir,
+        }
+    }
+
+    struct Answer {
+        status: u16,
+        content_type: String,
+        text: String,
+    }
+
+    impl Answer {
+        fn json(&self) -> Value {
+            serde_json::from_str(&self.text)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+        }
+
+        fn error(&self) -> String {
+            self.json()["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error message: {}", self.text))
+                .to_owned()
+        }
+    }
+
+    impl Api {
+        async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+            let url = format!("http://{}{path}", self.addr);
+            let method = method.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let req = ureq::request(&method, &url).timeout(Duration::from_secs(10));
+                let sent = match body {
+                    Some(body) => req.send_json(body),
+                    None => req.call(),
+                };
+                let resp = match sent {
+                    Ok(resp) => resp,
+                    Err(ureq::Error::Status(_, resp)) => resp,
+                    Err(e) => panic!("{e}"),
+                };
+                Answer {
+                    status: resp.status(),
+                    content_type: resp.content_type().to_owned(),
+                    text: resp.into_string().unwrap(),
+                }
+            })
+            .await
+            .unwrap()
+        }
+
+        async fn get(&self, path: &str) -> Answer {
+            self.call("GET", path, None).await
+        }
+
+        async fn post(&self, path: &str, body: Value) -> Answer {
+            self.call("POST", path, Some(body)).await
+        }
+
+        async fn delete(&self, path: &str) -> Answer {
+            self.call("DELETE", path, None).await
+        }
+    }
+
+    #[tokio::test]
+    async fn health_and_site() {
+        let api = api().await;
+        let health = api.get("/health").await;
+        assert_eq!(health.status, 200);
+        assert_eq!(health.json(), json!({"status": "ok"}));
+        let site: SiteView = serde_json::from_str(&api.get("/v1/site").await.text).unwrap();
+        assert_eq!(site.site, "paris");
+        assert_eq!(site.version, env!("CARGO_PKG_VERSION"));
+    }
+
+    #[tokio::test]
+    async fn volume_lifecycle() {
+        let api = api().await;
+        assert_eq!(api.get("/v1/volumes").await.json(), json!([]));
+
+        let created = api
+            .post("/v1/volumes", json!({"name": "vm1", "size": 10u64 << 20}))
+            .await;
+        assert_eq!(created.status, 201, "{}", created.text);
+        let v: VolumeView = serde_json::from_str(&created.text).unwrap();
+        assert_eq!((v.name.as_str(), v.size, v.snapshots), ("vm1", 10 << 20, 0));
+        api.post("/v1/volumes", json!({"name": "a0", "size": 1u64 << 20}))
+            .await;
+
+        let listed: Vec<VolumeView> =
+            serde_json::from_str(&api.get("/v1/volumes").await.text).unwrap();
+        let names: Vec<_> = listed.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["a0", "vm1"]);
+
+        let shown = api.get("/v1/volumes/vm1").await;
+        assert_eq!(shown.status, 200);
+        assert_eq!(serde_json::from_str::<VolumeView>(&shown.text).unwrap(), v);
+
+        let dup = api
+            .post("/v1/volumes", json!({"name": "vm1", "size": 1u64 << 20}))
+            .await;
+        assert_eq!(dup.status, 409);
+        assert!(dup.error().contains("vm1"), "{}", dup.error());
+
+        let grown = api
+            .post("/v1/volumes/vm1/resize", json!({"size": 20u64 << 20}))
+            .await;
+        assert_eq!(grown.status, 200, "{}", grown.text);
+        assert_eq!(grown.json()["size"], json!(20u64 << 20));
+
+        let refused = api
+            .post("/v1/volumes/vm1/resize", json!({"size": 1u64 << 20}))
+            .await;
+        assert_eq!(refused.status, 400);
+        assert!(refused.error().contains("shrink"), "{}", refused.error());
+        assert_eq!(
+            api.get("/v1/volumes/vm1").await.json()["size"],
+            json!(20u64 << 20)
+        );
+
+        let shrunk = api
+            .post(
+                "/v1/volumes/vm1/resize",
+                json!({"size": 1u64 << 20, "shrink": true}),
+            )
+            .await;
+        assert_eq!(shrunk.status, 200, "{}", shrunk.text);
+        assert_eq!(shrunk.json()["size"], json!(1u64 << 20));
+
+        let deleted = api.delete("/v1/volumes/vm1").await;
+        assert_eq!(deleted.status, 204, "{}", deleted.text);
+        assert_eq!(api.get("/v1/volumes/vm1").await.status, 404);
+        let again = api.delete("/v1/volumes/vm1").await;
+        assert_eq!(again.status, 404);
+        assert!(again.error().contains("vm1"), "{}", again.error());
+    }
+
+    #[tokio::test]
+    async fn snapshot_lifecycle() {
+        let api = api().await;
+        api.post("/v1/volumes", json!({"name": "vm1", "size": 1u64 << 20}))
+            .await;
+
+        let made = api
+            .post("/v1/volumes/vm1/snapshots", json!({"name": "s1"}))
+            .await;
+        assert_eq!(made.status, 201, "{}", made.text);
+        let s: SnapshotView = serde_json::from_str(&made.text).unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.volume.as_str(), s.export.as_str()),
+            ("s1", "vm1", "vm1@s1")
+        );
+        assert_eq!(s.size, 1 << 20);
+        api.post("/v1/volumes/vm1/snapshots", json!({"name": "s2"}))
+            .await;
+
+        let dup = api
+            .post("/v1/volumes/vm1/snapshots", json!({"name": "s1"}))
+            .await;
+        assert_eq!(dup.status, 409);
+
+        let listed: Vec<SnapshotView> =
+            serde_json::from_str(&api.get("/v1/volumes/vm1/snapshots").await.text).unwrap();
+        let mut names: Vec<_> = listed.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["s1", "s2"]);
+        assert_eq!(
+            api.get("/v1/volumes/vm1").await.json()["snapshots"],
+            json!(2)
+        );
+
+        assert_eq!(api.delete("/v1/volumes/vm1/snapshots/s1").await.status, 204);
+        assert_eq!(api.delete("/v1/volumes/vm1/snapshots/s1").await.status, 404);
+        assert_eq!(api.get("/v1/volumes/nope/snapshots").await.status, 404);
+        let on_missing = api
+            .post("/v1/volumes/nope/snapshots", json!({"name": "s1"}))
+            .await;
+        assert_eq!(on_missing.status, 404);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_json_errors() {
+        let api = api().await;
+        for (path, body) in [
+            ("/v1/volumes", json!({"name": "vm1"})),
+            ("/v1/volumes", json!({"name": "vm1", "size": -1})),
+            ("/v1/volumes", json!({"name": "vm1", "size": "10G"})),
+            ("/v1/volumes", json!({"name": "vm1", "size": 0})),
+            ("/v1/volumes/vm1/snapshots", json!({})),
+        ] {
+            let answer = api.post(path, body.clone()).await;
+            assert_eq!(answer.status, 400, "{path} {body}: {}", answer.text);
+            assert!(!answer.error().is_empty());
+        }
+        let not_json = tokio::task::spawn_blocking({
+            let url = format!("http://{}/v1/volumes", api.addr);
+            move || match ureq::post(&url)
+                .set("content-type", "application/json")
+                .send_string("{nope")
+            {
+                Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap()),
+                other => panic!("{other:?}"),
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(not_json.0, 400);
+        assert!(not_json.1.contains("\"error\""), "{}", not_json.1);
+
+        let bad_name = api
+            .post("/v1/volumes", json!({"name": "a@b", "size": 4096}))
+            .await;
+        assert_eq!(bad_name.status, 400, "{}", bad_name.text);
+
+        let nowhere = api.get("/v2/nothing").await;
+        assert_eq!(nowhere.status, 404);
+        assert!(nowhere.error().contains("/v2/nothing"));
+        let wrong = api.call("PUT", "/v1/volumes", None).await;
+        assert_eq!(wrong.status, 405);
+        assert!(wrong.error().contains("PUT"));
+
+        // Percent-encoded names reach the store decoded.
+        let encoded = api.get("/v1/volumes/paris%2Fvm1").await;
+        assert!(
+            encoded.status == 404 || encoded.status == 400,
+            "{}",
+            encoded.text
+        );
+        assert!(encoded.error().contains("paris/vm1"), "{}", encoded.error());
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text() {
+        let api = api().await;
+        api.post("/v1/volumes", json!({"name": "vm1", "size": 1u64 << 20}))
+            .await;
+        api.metrics
+            .record("vm1", Op::Write, 4096, Duration::from_micros(300));
+        let answer = api.get("/metrics").await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.content_type, "text/plain");
+        let text = answer.text;
+        for line in [
+            "snapgate_nbd_requests_total{volume=\"vm1\",op=\"write\"} 1",
+            "snapgate_nbd_bytes_total{volume=\"vm1\",op=\"write\"} 4096",
+            "snapgate_volumes 1",
+            "snapgate_volume_size_bytes{volume=\"vm1\"} 1048576",
+            "snapgate_volume_snapshots{volume=\"vm1\"} 0",
+            "snapgate_build_info{version=\"",
+            "# TYPE snapgate_volume_allocated_bytes gauge",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn statuses_come_from_one_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Pool::open(dir.path(), store::PoolOptions::default()).unwrap();
+        let locked = Pool::open(dir.path(), store::PoolOptions::default())
+            .err()
+            .unwrap();
+        assert_eq!(locked.kind(), store::ErrorKind::Locked);
+        assert_eq!(http_status(&Error::Store(locked)), StatusCode::LOCKED);
+        assert_eq!(
+            http_status(&Error::Invalid("x".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            http_status(&Error::Unavailable("replication")),
+            StatusCode::NOT_IMPLEMENTED
+        );
+        assert_eq!(
+            http_status(&Error::Internal("x".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn deleting_leaves_the_pool_consistent() {
+        // The handlers hold no state of their own: what the API did is what
+        // the pool shows.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let api = rt.block_on(api());
+        rt.block_on(api.post("/v1/volumes", json!({"name": "v", "size": 4096})));
+        assert_eq!(api.pool.volumes().len(), 1);
+        rt.block_on(api.delete("/v1/volumes/v"));
+        assert!(api.pool.volumes().is_empty());
+    }
+}
