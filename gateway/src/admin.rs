@@ -25,6 +25,7 @@
 //! blocking pool, never on the async workers that also carry NBD traffic.
 
 use crate::error::{Error, Result};
+use crate::fuse::{self, FuseView, MountError};
 use crate::metrics::{self, Metrics};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -32,9 +33,8 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use crate::fuse::{self, FuseView, MountError};
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;

@@ -205,25 +205,26 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| anyhow!("cannot start the signal handler: {e}"))?;
-    let outside = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ok::<bool, std::io::Error>(false),
-                _ = int.recv() => return Ok(false),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    let outside = rt
+        .block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return Ok::<bool, std::io::Error>(false),
+                    _ = int.recv() => return Ok(false),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Unmounted from outside, or the gateway went away?
+                let mounts: Result<Vec<MountView>> = client.get("/v1/mounts");
+                match mounts {
+                    Ok(m) if m.iter().any(|m| m.dir == view.dir && m.alive) => {}
+                    _ => return Ok(true),
+                }
             }
-            // Unmounted from outside, or the gateway went away?
-            let mounts: Result<Vec<MountView>> = client.get("/v1/mounts");
-            match mounts {
-                Ok(m) if m.iter().any(|m| m.dir == view.dir && m.alive) => {}
-                _ => return Ok(true),
-            }
-        }
-    })
-    .map_err(|e| anyhow!("cannot wait for signals: {e}"))?;
+        })
+        .map_err(|e| anyhow!("cannot wait for signals: {e}"))?;
     if outside {
         eprintln!("snapgate: the view on {} was unmounted", view.dir);
         return Ok(ExitCode::SUCCESS);
@@ -516,7 +517,11 @@ fn snapshot(client: &Client, cmd: SnapshotCommand, out: Output) -> Result<()> {
             })
         }
         SnapshotCommand::Diff { volume, from, to } => {
-            let mut path = format!("/v1/volumes/{}/diff?from={}", encode(&volume), encode(&from));
+            let mut path = format!(
+                "/v1/volumes/{}/diff?from={}",
+                encode(&volume),
+                encode(&from)
+            );
             if let Some(to) = &to {
                 path.push_str(&format!("&to={}", encode(to)));
             }

@@ -67,8 +67,22 @@ pub struct Alloc {
     cold: Ranges,
     /// Slots at or above this have never been handed out.
     pub high: u64,
-    /// (seq of the dropping record, slot).
-    pending: Vec<(u64, u64)>,
+    /// (seq of the dropping record, slot, may stay warm).
+    pending: Vec<(u64, u64, bool)>,
+}
+
+/// Sorted, merged ranges of a set of slots.
+fn merge(mut slots: Vec<u64>) -> Vec<(u64, u64)> {
+    slots.sort_unstable();
+    slots.dedup();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for s in slots {
+        match ranges.last_mut() {
+            Some((st, l)) if *st + *l == s => *l += 1,
+            _ => ranges.push((s, 1)),
+        }
+    }
+    ranges
 }
 
 impl Alloc {
@@ -111,33 +125,28 @@ impl Alloc {
         self.warm.insert(slot, 1);
     }
 
-    /// Remembers a slot dropped by the record with sequence `seq`.
-    pub fn defer(&mut self, seq: u64, slot: u64) {
-        self.pending.push((seq, slot));
+    /// Remembers a slot dropped by the record with sequence `seq`. `warm`:
+    /// the slot was overwritten (its space may be kept for reuse); otherwise
+    /// it was trimmed or its snapshot or volume deleted, and its space goes
+    /// back to the filesystem.
+    pub fn defer(&mut self, seq: u64, slot: u64, warm: bool) {
+        self.pending.push((seq, slot, warm));
     }
 
     /// Takes the pending slots whose dropping record is durable (seq ≤ upto),
-    /// as merged ranges, for [`Alloc::release`].
-    pub fn take_durable(&mut self, upto: u64) -> Vec<(u64, u64)> {
-        let mut slots: Vec<u64> = Vec::new();
-        self.pending.retain(|&(seq, slot)| {
+    /// as merged ranges: (may stay warm, to punch).
+    pub fn take_durable(&mut self, upto: u64) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+        let mut warm: Vec<u64> = Vec::new();
+        let mut cold: Vec<u64> = Vec::new();
+        self.pending.retain(|&(seq, slot, w)| {
             if seq <= upto {
-                slots.push(slot);
+                if w { &mut warm } else { &mut cold }.push(slot);
                 false
             } else {
                 true
             }
         });
-        slots.sort_unstable();
-        slots.dedup();
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for s in slots {
-            match ranges.last_mut() {
-                Some((st, l)) if *st + *l == s => *l += 1,
-                _ => ranges.push((s, 1)),
-            }
-        }
-        ranges
+        (merge(warm), merge(cold))
     }
 
     /// Makes durable-freed ranges reusable: as many as fit stay warm, the
@@ -187,22 +196,23 @@ mod tests {
         assert_eq!(a.alloc(2), vec![(0, 1), (3, 1)]);
         assert_eq!(a.alloc(4), vec![(4, 1), (6, 2), (8, 1)]);
         assert_eq!(a.high, 9);
-        a.defer(10, 3);
-        a.defer(12, 4);
-        assert_eq!(a.take_durable(11), vec![(3, 1)]);
+        a.defer(10, 3, true);
+        a.defer(12, 4, true);
+        assert_eq!(a.take_durable(11), (vec![(3, 1)], vec![]));
         assert!(a.release(&[(3, 1)]).is_empty());
         assert_eq!(a.pending_slots(), 1);
-        assert_eq!(a.take_durable(12), vec![(4, 1)]);
+        assert_eq!(a.take_durable(12), (vec![(4, 1)], vec![]));
         assert!(a.release(&[(4, 1)]).is_empty());
         assert_eq!(a.alloc(3), vec![(3, 2), (9, 1)]);
         // Past the warm reserve, freed space is handed back for punching.
         let big = a.alloc(WARM_SLOTS + 10);
         for &(s, l) in &big {
             for x in s..s + l {
-                a.defer(20, x);
+                a.defer(20, x, true);
             }
         }
-        let ranges = a.take_durable(20);
+        let (ranges, cold) = a.take_durable(20);
+        assert!(cold.is_empty());
         let punch = a.release(&ranges);
         assert_eq!(punch.iter().map(|r| r.1).sum::<u64>(), 10);
         a.release_punched(&punch);

@@ -559,7 +559,7 @@ impl Pool {
             let mut a = self.inner.alloc.lock();
             for l in map.values() {
                 if let Loc::Data { slot, .. } = l {
-                    a.defer(seq, *slot);
+                    a.defer(seq, *slot, false);
                 }
             }
         }
@@ -663,7 +663,7 @@ impl Pool {
             drop(st);
             let mut a = self.inner.alloc.lock();
             for s in freed {
-                a.defer(seq, s);
+                a.defer(seq, s, false);
             }
             seq
         };
@@ -1164,13 +1164,13 @@ impl Inner {
 
     /// Frees slots whose dropping records are durable.
     fn release_durable(&self, upto: u64) {
-        let ranges = self.alloc.lock().take_durable(upto);
-        if ranges.is_empty() {
+        let (warm, mut punch) = self.alloc.lock().take_durable(upto);
+        if warm.is_empty() && punch.is_empty() {
             return;
         }
         // Wait out readers that may have located these slots before the drop.
         drop(self.reuse.write());
-        let punch = self.alloc.lock().release(&ranges);
+        punch.extend(self.alloc.lock().release(&warm));
         if punch.is_empty() {
             return;
         }
@@ -1713,6 +1713,10 @@ impl Volume {
             .enumerate()
             .filter_map(|(i, &l)| st.plan(first + i as u64, l))
             .collect();
+        // Every block the request touched counts as changed, even where the
+        // map did not change (zeros over a hole).
+        let epoch = st.epoch;
+        st.cbt.mark(epoch, first * B, n as u64 * B);
         if items.is_empty() {
             return Ok(0);
         }
@@ -1738,7 +1742,7 @@ impl Volume {
         if !freed.is_empty() {
             let mut a = self.inner.alloc.lock();
             for s in freed {
-                a.defer(seq, s);
+                a.defer(seq, s, true);
             }
         }
         Ok(seq)
@@ -1824,6 +1828,8 @@ impl Volume {
             // reads as zeros and takes no space, so even NO_HOLE leaves it be.
             // Batches bound the time the volume lock is held.
             let batch_end = end.min(b + 65536);
+            let epoch = st.epoch;
+            st.cbt.mark(epoch, b * B, (batch_end - b) * B);
             let mut blocks: Vec<u64> = st
                 .map
                 .range((b, 0)..(batch_end, 0))
@@ -1847,7 +1853,7 @@ impl Volume {
                 drop(st);
                 let mut a = self.inner.alloc.lock();
                 for sl in freed {
-                    a.defer(s, sl);
+                    a.defer(s, sl, false);
                 }
                 seq = s;
             }

@@ -2,7 +2,7 @@
 //! writers, and survival across crashes.
 
 use proptest::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use store::{MemMedium, Pool, PoolOptions, Version, VolumeOptions};
 
@@ -157,37 +157,55 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
     )
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..4u64)
-        .map(|w| {
-            let h = pool.open_head("v").unwrap();
-            std::thread::spawn(move || {
-                // Each writer owns every 4th block and writes each once.
-                let mut b = w;
-                while b < blocks {
-                    h.write_at(&[(w as u8) + 1; 4096], b * 4096, false).unwrap();
-                    b += 4;
-                }
-            })
-        })
-        .collect();
+    let taken = Arc::new(AtomicUsize::new(0));
+    // The snapshotter starts first and keeps going until the writers end.
     let snapper = {
         let pool = pool.clone();
         let stop = stop.clone();
+        let taken = taken.clone();
         std::thread::spawn(move || {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 pool.create_snapshot("v", &format!("e{i:04}")).unwrap();
                 i += 1;
+                taken.store(i, Ordering::Release);
             }
             i
         })
     };
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let h = pool.open_head("v").unwrap();
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                // Each writer owns every 4th block and writes each once;
+                // every 64 writes it waits for one more snapshot, so the
+                // writes really are spread over many epochs.
+                let mut b = w;
+                let mut n = 0usize;
+                while b < blocks {
+                    h.write_at(&[(w as u8) + 1; 4096], b * 4096, false).unwrap();
+                    b += 4;
+                    n += 1;
+                    if n % 64 == 0 {
+                        let want = n / 64;
+                        let t0 = std::time::Instant::now();
+                        while taken.load(Ordering::Acquire) < want
+                            && t0.elapsed() < std::time::Duration::from_secs(10)
+                        {
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
     for w in writers {
         w.join().unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     let nsnaps = snapper.join().unwrap();
-    assert!(nsnaps >= 2, "snapshots were taken while writing");
+    assert!(nsnaps >= 8, "snapshots were taken while writing: {nsnaps}");
     pool.create_snapshot("v", "final").unwrap();
     let names: Vec<String> = pool
         .snapshots("v")

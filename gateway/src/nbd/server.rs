@@ -67,6 +67,11 @@ const BUFFER_BUDGET: usize = 256 << 20;
 const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish their requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// At shutdown, a connection closes once its client sent nothing for this
+/// long (requests that still arrive are answered ESHUTDOWN)…
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
+/// …or this long after shutdown began.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// The NBD server. Cheap to share: `serve_tcp` and `serve_unix` may run at
 /// the same time on one `Arc<Server>`.
@@ -520,12 +525,25 @@ async fn transmission<R, W>(
         has_contexts: !conn.contexts.is_empty(),
     };
 
+    // After shutdown is requested, requests already on their way are still
+    // read and answered ESHUTDOWN until the client has been quiet for
+    // SHUTDOWN_QUIET (or SHUTDOWN_GRACE passed), so no request is left
+    // without an answer on a healthy connection.
+    let mut closing: Option<Instant> = None;
     let end = loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
+        let quiet = match closing {
+            None => Duration::from_secs(86400),
+            Some(t) => SHUTDOWN_QUIET.min(SHUTDOWN_GRACE.saturating_sub(t.elapsed())),
+        };
         tokio::select! {
             biased;
-            _ = wait_shutdown(&mut shutdown) => break End::Shutdown,
+            _ = wait_shutdown(&mut shutdown), if closing.is_none() => {
+                closing = Some(Instant::now());
+                continue;
+            }
             _ = tx.closed() => break End::WriterGone,
+            _ = tokio::time::sleep(quiet), if closing.is_some() => break End::Shutdown,
             res = r.read_exact(&mut hdr) => match res {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break End::Eof,
@@ -566,7 +584,15 @@ async fn transmission<R, W>(
             }
         }
 
-        let op = match validate(&req, &limits) {
+        let checked = if closing.is_some() {
+            Err(Rejection {
+                errno: Errno::Shutdown,
+                message: "the server is shutting down".into(),
+            })
+        } else {
+            validate(&req, &limits)
+        };
+        let op = match checked {
             Ok(op) => op,
             Err(rej) => {
                 debug!(

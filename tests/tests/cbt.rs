@@ -1,0 +1,178 @@
+//! Changed-block tracking over NBD (M8, SPEC "CBT over NBD"): on export
+//! `VOL` or `VOL@B`, the meta context `qemu:dirty-bitmap:A` (A an older point
+//! of that volume) reports as dirty every block written after A (up to now,
+//! or up to B). False positives are allowed (64 KiB tracking blocks), false
+//! negatives never.
+
+use snapgate_e2e::*;
+use std::process::Command;
+
+/// `nbdinfo --map=CONTEXT` as (offset, length, type) triples.
+fn map(gw: &Gateway, export: &str, ctx: &str) -> Vec<(u64, u64, u32)> {
+    let out = run(Command::new("nbdinfo")
+        .arg(format!("--map={ctx}"))
+        .arg(gw.nbd_uri(export)));
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().expect("offset"),
+                f[1].parse().expect("length"),
+                f[2].parse().expect("type"),
+            )
+        })
+        .collect()
+}
+
+fn dirty_at(m: &[(u64, u64, u32)], off: u64) -> bool {
+    m.iter()
+        .find(|(o, l, _)| *o <= off && off < o + l)
+        .unwrap_or_else(|| panic!("{off} not covered: {m:?}"))
+        .2
+        & 1
+        == 1
+}
+
+#[test]
+fn dirty_bitmap_reports_writes_after_a_point() {
+    if !require_tools(&["nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "16M");
+    gw.qemu_io_ok("v", &["write -P 0x1 0 1M"]);
+    gw.snapshot("v", "a");
+    gw.qemu_io_ok("v", &["write -P 0x2 4M 1M", "write -P 0x2 6M 4k"]);
+    gw.snapshot("v", "b");
+    // Trim data that existed before a: a change too.
+    gw.qemu_io_ok("v", &["write -P 0x3 8M 1M", "discard 512k 64k"]);
+
+    let mut ctxs = Vec::new();
+    let out = run(Command::new("nbdinfo").arg("--json").arg(gw.nbd_uri("v")));
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    if let Some(a) = j["exports"][0]["contexts"].as_array() {
+        ctxs.extend(a.iter().filter_map(|c| c.as_str().map(str::to_owned)));
+    }
+    for want in ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"] {
+        assert!(
+            ctxs.iter().any(|c| c == want),
+            "{want} not offered: {ctxs:?}"
+        );
+    }
+
+    // Head against a: everything written after a.
+    let m = map(&gw, "v", "qemu:dirty-bitmap:a");
+    for off in [
+        4 << 20,
+        (5 << 20) - 1,
+        6 << 20,
+        8 << 20,
+        (9 << 20) - 1,
+        512 << 10,
+    ] {
+        assert!(
+            dirty_at(&m, off),
+            "head vs a: {off} written after a but clean: {m:?}"
+        );
+    }
+    for off in [0, 2 << 20, 10 << 20, 12 << 20, (16 << 20) - 1] {
+        assert!(
+            !dirty_at(&m, off),
+            "head vs a: {off} untouched but dirty: {m:?}"
+        );
+    }
+    // Head against b: only what came after b.
+    let m = map(&gw, "v", "qemu:dirty-bitmap:b");
+    assert!(
+        dirty_at(&m, 8 << 20) && dirty_at(&m, 512 << 10),
+        "head vs b: {m:?}"
+    );
+    assert!(
+        !dirty_at(&m, 4 << 20) && !dirty_at(&m, 0),
+        "head vs b: {m:?}"
+    );
+    // b against a: between the two points.
+    let m = map(&gw, "v@b", "qemu:dirty-bitmap:a");
+    assert!(
+        dirty_at(&m, 4 << 20) && dirty_at(&m, 6 << 20),
+        "b vs a: {m:?}"
+    );
+    assert!(
+        !dirty_at(&m, 8 << 20) && !dirty_at(&m, 0) && !dirty_at(&m, 512 << 10),
+        "b vs a: {m:?}"
+    );
+}
+
+#[test]
+fn dirty_bitmap_survives_kill9() {
+    if !require_tools(&["nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let mut gw = Gateway::start();
+    gw.create_volume("v", "16M");
+    gw.snapshot("v", "a");
+    gw.qemu_io_ok("v", &["write -P 0x5 4M 1M", "flush"]);
+    gw.kill9();
+    gw.restart();
+    let m = map(&gw, "v", "qemu:dirty-bitmap:a");
+    assert!(
+        dirty_at(&m, 4 << 20),
+        "write since a lost from CBT after a crash: {m:?}"
+    );
+}
+
+/// The contexts as libnbd negotiates them: listed per export (only older
+/// points), and answered together with base:allocation in one BLOCK_STATUS.
+#[test]
+fn dirty_bitmap_contexts_through_libnbd() {
+    if !require_python_nbd() || !require_tool("qemu-io") {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "8M");
+    gw.snapshot("v", "a");
+    gw.qemu_io_ok("v", &["write -P 0x9 1M 64k"]);
+    gw.snapshot("v", "b");
+    let script = format!(
+        r#"
+import nbd
+
+def listed(export):
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri("{base}" + export)
+    h.add_meta_context("qemu:dirty-bitmap:")
+    got = []
+    h.opt_list_meta_context(lambda name: got.append(name) or 0)
+    h.opt_abort()
+    return sorted(got)
+
+head = listed("v")
+assert head == ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b"], head
+at_b = listed("v@b")
+assert at_b == ["qemu:dirty-bitmap:a"], at_b
+at_a = listed("v@a")
+assert at_a == [], at_a
+
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:dirty-bitmap:a")
+h.connect_uri("{base}v@b")
+seen = {{}}
+def cb(meta, off, entries, err):
+    seen.setdefault(meta, []).append(list(entries))
+    return 0
+h.block_status(2 << 20, 0, cb)
+assert sorted(seen) == ["base:allocation", "qemu:dirty-bitmap:a"], seen
+assert all(len(v) == 1 for v in seen.values()), "more than one chunk per context: %r" % seen
+dirty = seen["qemu:dirty-bitmap:a"][0]
+# entries are (length, flags) pairs from offset 0: 0..1M clean, 1M.. dirty.
+assert dirty[0] == 1 << 20 and dirty[1] == 0 and dirty[3] & 1 == 1, dirty
+print("ALL OK")
+"#,
+        base = format!("nbd://127.0.0.1:{}/", gw.nbd_port)
+    );
+    let out = run(Command::new(SYS_PYTHON).args(["-c", &script]));
+    assert!(out.contains("ALL OK"), "{out}");
+}

@@ -1,0 +1,247 @@
+//! The FUSE view (M22, SPEC "FUSE tree"): `snapgate mount DIR` shows every
+//! point as `DIR/<site>/<volume>/<point>.img`, readable by cp, qemu-img and
+//! fuse2fs, with holes visible through SEEK_HOLE.
+//!
+//! Needs /dev/fuse (root): skipped without it, a failure under CI=true.
+
+use snapgate_e2e::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Unmounts (lazily) on drop, so a failed test leaves no mount behind.
+struct MountGuard {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn fuse_available() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    assert!(!in_ci(), "/dev/fuse missing under CI=true");
+    eprintln!("SKIP: no /dev/fuse");
+    false
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn points_as_image_files() {
+    if !require_tools(&[
+        "fusermount3",
+        "fuse2fs",
+        "mkfs.ext4",
+        "nbdcopy",
+        "qemu-img",
+        "qemu-io",
+    ]) {
+        return;
+    }
+    if !fuse_available() {
+        return;
+    }
+    let gw = Gateway::start();
+    let t = gw.tmp().to_path_buf();
+
+    // An ext4 image with known files.
+    let src = t.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("hello.txt"), "hello snapgate\n").expect("write");
+    make_sparse_image(&src.join("blob.bin"), 3 << 20, 9);
+    let fs_img = t.join("fs.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&fs_img)
+        .arg("64M"));
+
+    gw.create_volume("fsvol", "64M");
+    run(Command::new("nbdcopy")
+        .arg(&fs_img)
+        .arg(gw.nbd_uri("fsvol")));
+    gw.snapshot("fsvol", "p1");
+    gw.qemu_io_ok("fsvol", &["write -P 0xee 0 64M"]); // the head moves on
+
+    let mnt = t.join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir view");
+    let child = gw
+        .cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapgate mount");
+    let mut guard = MountGuard {
+        dir: mnt.clone(),
+        child: Some(child),
+    };
+    let p1 = mnt.join(SITE).join("fsvol").join("p1.img");
+    assert!(
+        wait_for(&p1, Duration::from_secs(30)),
+        "{} never appeared",
+        p1.display()
+    );
+
+    let md = std::fs::metadata(&p1).expect("stat p1.img");
+    assert_eq!(md.len(), 64 << 20, "image size");
+    assert_eq!(
+        sha256(&p1),
+        sha256(&fs_img),
+        "p1.img differs from the image copied in"
+    );
+
+    // Holes are visible: SEEK_HOLE from 0 finds one before the end.
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&p1).expect("open");
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+        assert!(
+            hole >= 0 && (hole as u64) < md.len(),
+            "no hole reported (SEEK_HOLE = {hole})"
+        );
+        // SAFETY: as above.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        assert_eq!(data, 0, "ext4 superblock area should be data");
+    }
+
+    // cp --sparse=always keeps the content and the holes.
+    let copy = t.join("copy.img");
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&p1)
+        .arg(&copy));
+    assert_eq!(sha256(&copy), sha256(&fs_img));
+    let used = std::fs::metadata(&copy).expect("stat").blocks() * 512;
+    assert!(
+        used < 32 << 20,
+        "sparse copy uses {used} bytes of a mostly empty 64M image"
+    );
+
+    // qemu-img reads it as a raw image.
+    let q = t.join("out.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&p1)
+        .arg(&q));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&q)
+        .arg(&fs_img));
+
+    // Mounted as a filesystem with fuse2fs.
+    let fsmnt = t.join("fs");
+    std::fs::create_dir_all(&fsmnt).expect("mkdir fs");
+    run(Command::new("fuse2fs")
+        .arg(&p1)
+        .arg(&fsmnt)
+        .args(["-o", "ro,fakeroot"]));
+    let fs_guard = MountGuard {
+        dir: fsmnt.clone(),
+        child: None,
+    };
+    assert!(wait_for(&fsmnt.join("hello.txt"), Duration::from_secs(10)));
+    assert_eq!(
+        std::fs::read_to_string(fsmnt.join("hello.txt")).expect("read hello"),
+        "hello snapgate\n"
+    );
+    assert_eq!(
+        sha256(&fsmnt.join("blob.bin")),
+        sha256(&src.join("blob.bin"))
+    );
+    run(Command::new("fusermount3").arg("-u").arg(&fsmnt));
+    drop(fs_guard);
+
+    // A new point shows up, a deleted one goes away.
+    gw.snapshot("fsvol", "p2");
+    let p2 = mnt.join(SITE).join("fsvol").join("p2.img");
+    assert!(
+        wait_for(&p2, Duration::from_secs(5)),
+        "new point not listed"
+    );
+    let mut c = std::fs::read(&p2).expect("read p2");
+    c.truncate(4096);
+    assert!(
+        c.iter().all(|&b| b == 0xee),
+        "p2 does not show the head at p2"
+    );
+    gw.cli_ok(&["snapshot", "delete", "fsvol", "p2"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p2.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!p2.exists(), "deleted point still listed");
+
+    // Unmount: the mount command ends with status 0.
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    let mut child = guard.child.take().expect("child");
+    let st = wait_timeout(&mut child, Duration::from_secs(10)).expect("mount did not exit");
+    assert!(st.success(), "snapgate mount exited with {st}");
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM on `snapgate mount` unmounts and exits 0.
+#[test]
+fn mount_ends_on_signals() {
+    if !require_tool("fusermount3") || !fuse_available() {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "p");
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mnt = gw.tmp().join(format!("view-{sig}"));
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        let child = gw
+            .cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn snapgate mount");
+        let mut guard = MountGuard {
+            dir: mnt.clone(),
+            child: Some(child),
+        };
+        let img = mnt.join(SITE).join("v").join("p.img");
+        assert!(
+            wait_for(&img, Duration::from_secs(30)),
+            "view never appeared"
+        );
+        let pid = guard.child.as_ref().expect("child").id();
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
+        let mut child = guard.child.take().expect("child");
+        let st = wait_timeout(&mut child, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("snapgate mount still running after signal {sig}"));
+        assert!(
+            st.success(),
+            "snapgate mount exited with {st} on signal {sig}"
+        );
+        assert!(!img.exists(), "view still mounted after signal {sig}");
+    }
+}

@@ -1,0 +1,137 @@
+//! Thin provisioning and space reclaim (M1, M2): never-written, trimmed and
+//! all-zero ranges take no space; deleting a snapshot or a volume frees what
+//! only it held.
+//!
+//! The store keeps up to 64 MiB of freed slots allocated as a warm reuse
+//! reserve (`PoolOptions::reuse_reserve_bytes`), so the test writes more than
+//! that and allows the reserve as slack when checking that space came back.
+
+use snapgate_e2e::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+/// Data written per step: well above the reuse reserve.
+const DATA: u64 = 160 * MIB;
+/// Freed space the store may keep allocated (reuse reserve + metadata).
+const SLACK: u64 = 64 * MIB + 16 * MIB;
+
+/// Bytes allocated on disk under a directory (st_blocks, so holes are free).
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Poll (bounded) until the usage is at most `limit`; returns the last value.
+fn wait_usage_at_most(dir: &Path, limit: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let u = disk_usage(dir);
+        if u <= limit || Instant::now() >= deadline {
+            return u;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mib(x: u64) -> u64 {
+    x / MIB
+}
+
+#[test]
+fn thin_trim_zero_and_snapshot_reclaim() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let gw = Gateway::start();
+    let dir = gw.data_dir().to_path_buf();
+    gw.create_volume("huge", "2T");
+    gw.create_volume("v", "512M");
+    let base = disk_usage(&dir);
+    assert!(base < 80 * MIB, "empty 2T volume uses {} MiB", mib(base));
+    let d = format!("{}M", mib(DATA));
+
+    // Data takes about its size.
+    gw.qemu_io_ok("v", &[&format!("write -P 0x5c 0 {d}"), "flush"]);
+    let full = disk_usage(&dir);
+    assert!(
+        full >= base + DATA - 8 * MIB,
+        "{d} written but usage only grew {} MiB",
+        mib(full - base)
+    );
+
+    // Trimming it gives the space back (all but the reserve).
+    gw.qemu_io_ok("v", &[&format!("discard 0 {d}"), "flush"]);
+    let u = wait_usage_at_most(&dir, base + SLACK);
+    assert!(
+        u <= base + SLACK,
+        "after trimming {d} usage is still {} MiB over the base",
+        mib(u.saturating_sub(base))
+    );
+    gw.qemu_io_ok("v", &[&format!("read -P 0 0 {d}")]);
+
+    // All-zero data takes no data space.
+    let before = disk_usage(&dir);
+    gw.qemu_io_ok(
+        "v",
+        &[
+            &format!("write -P 0 0 {d}"),
+            &format!("write -z {d} {d}"),
+            "flush",
+        ],
+    );
+    let u = disk_usage(&dir);
+    assert!(
+        u <= before + 16 * MIB,
+        "{d} of zero writes + {d} of write-zeroes grew usage by {} MiB",
+        mib(u.saturating_sub(before))
+    );
+    gw.qemu_io_ok("v", &["read -P 0 0 320M"]);
+
+    // A snapshot holds the old data while the head is overwritten; deleting
+    // the snapshot frees it.
+    gw.qemu_io_ok("v", &[&format!("write -P 0x31 0 {d}"), "flush"]);
+    let one = disk_usage(&dir);
+    gw.snapshot("v", "s");
+    gw.qemu_io_ok("v", &[&format!("write -P 0x32 0 {d}"), "flush"]);
+    let two = disk_usage(&dir);
+    assert!(
+        two >= one + DATA - 8 * MIB,
+        "overwrite after a snapshot did not keep the old data ({} -> {} MiB)",
+        mib(one),
+        mib(two)
+    );
+    gw.cli_ok(&["snapshot", "delete", "v", "s"]);
+    gw.qemu_io_ok("v", &["flush"]);
+    let u = wait_usage_at_most(&dir, one + SLACK);
+    assert!(
+        u <= one + SLACK,
+        "deleting the snapshot freed too little: {} MiB over one copy",
+        mib(u.saturating_sub(one))
+    );
+    gw.qemu_io_ok("v", &[&format!("read -P 0x32 0 {d}")]);
+
+    // Deleting the volume frees its data.
+    gw.cli_ok(&["volume", "delete", "v"]);
+    let u = wait_usage_at_most(&dir, base + SLACK);
+    assert!(
+        u <= base + SLACK,
+        "deleted volume still uses {} MiB",
+        mib(u.saturating_sub(base))
+    );
+}
