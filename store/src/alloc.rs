@@ -71,8 +71,11 @@ pub struct Alloc {
     pending: Vec<(u64, u64, bool)>,
 }
 
+/// A run of slots: (first, count).
+pub type Run = (u64, u64);
+
 /// Sorted, merged ranges of a set of slots.
-fn merge(mut slots: Vec<u64>) -> Vec<(u64, u64)> {
+fn merge(mut slots: Vec<u64>) -> Vec<Run> {
     slots.sort_unstable();
     slots.dedup();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -135,7 +138,7 @@ impl Alloc {
 
     /// Takes the pending slots whose dropping record is durable (seq ≤ upto),
     /// as merged ranges: (may stay warm, to punch).
-    pub fn take_durable(&mut self, upto: u64) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    pub fn take_durable(&mut self, upto: u64) -> (Vec<Run>, Vec<Run>) {
         let mut warm: Vec<u64> = Vec::new();
         let mut cold: Vec<u64> = Vec::new();
         self.pending.retain(|&(seq, slot, w)| {

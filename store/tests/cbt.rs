@@ -187,7 +187,7 @@ fn every_write_lands_in_exactly_one_epoch_under_concurrency() {
                     h.write_at(&[(w as u8) + 1; 4096], b * 4096, false).unwrap();
                     b += 4;
                     n += 1;
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         let want = n / 64;
                         let t0 = std::time::Instant::now();
                         while taken.load(Ordering::Acquire) < want
