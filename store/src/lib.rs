@@ -31,7 +31,10 @@
 //! A head write of a block whose newest entry was born in the current epoch,
 //! or is seen by no live snapshot, replaces that entry (its slot is freed);
 //! otherwise it adds an entry and the old one stays for the snapshots.
-//! Data is never overwritten in place, so no block is ever torn. Deleting a
+//! Data that a flush has made durable, or that a snapshot sees, is never
+//! overwritten in place, so no durable block is ever torn. The one exception
+//! is safe by construction: a block rewritten again before any flush
+//! captured its previous write reuses that write's slot (see "Durability"). Deleting a
 //! snapshot drops exactly the entries no remaining view can see (for each
 //! block, entries born after the previous live snapshot and superseded before
 //! the next live one, or the head) — first, middle or last snapshot alike.
@@ -82,6 +85,22 @@
 //!   medium with the right CRC, so a power loss that kept a record but not its
 //!   data loses that (unacknowledged) write instead of corrupting the block.
 //!   Then a new checkpoint is written and a fresh journal started.
+//! * Overwrite in place: a whole-block head write whose blocks are all born in
+//!   the current epoch and were written by records that no flush or
+//!   checkpoint has captured yet reuses their slots. After a crash such a
+//!   slot's records are all past the last `Sync`, so each is checked against
+//!   the data: the one whose data is there wins, a torn slot fails them all,
+//!   and the block falls back to its previous durable copy, which lived in
+//!   another slot (still pending, not reusable before a flush). Flush and
+//!   checkpoint capture their sequence number under `inplace` (exclusive),
+//!   so no in-place write straddles a capture; taking a snapshot waits for
+//!   in-place writes too, so no snapshot ever sees a slot change. A reader
+//!   that meets a checksum mismatch waits for in-place writes in progress
+//!   and reads again before calling it damage. Without this, every
+//!   overwrite between flushes would take a new slot.
+//! * A background thread flushes every 5 s, and as soon as 128 MiB of freed
+//!   slots wait for a flush: a client that never flushes would otherwise
+//!   grow the data file without bound.
 //! * A checkpoint is written to `checkpoint.tmp`, synced, renamed over
 //!   `checkpoint`, and the directory synced; the next journal is created and
 //!   synced (with the directory) *before* the switch, and the old journal is
@@ -92,6 +111,7 @@
 //! | lock | guards | held by |
 //! |---|---|---|
 //! | `flush` | durable sequence number, checkpointing | flush, FUA, checkpoint |
+//! | `inplace` | — (a barrier) | in-place overwrites (shared, try-lock); capture at flush/checkpoint, snapshot create, verify, readers after a mismatch (exclusive) |
 //! | stripe (256) | one block during a partial-block read-modify-write | unaligned write / trim / zero |
 //! | `vols` | the set of volumes | create / delete volume (write); name lookup (read) |
 //! | volume `st` | one volume's map, epoch, snapshots, size | writes, trims, snapshot ops (write); reads, extents (read) |

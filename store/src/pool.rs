@@ -12,7 +12,7 @@ use crate::{
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -123,8 +123,14 @@ impl VolState {
                 if let Loc::Data { .. } = l {
                     self.data_entries += 1;
                 }
-                if let Some(old) = self.map.insert((it.block, birth), l) {
-                    self.forget(old, freed);
+                match self.map.insert((it.block, birth), l) {
+                    // Overwritten in place: the slot stays in use.
+                    Some(Loc::Data { slot, .. }) if matches!(l, Loc::Data { slot: s, .. } if s == slot) =>
+                    {
+                        self.data_entries -= 1;
+                    }
+                    Some(old) => self.forget(old, freed),
+                    None => {}
                 }
             }
         }
@@ -318,11 +324,37 @@ pub(crate) struct Inner {
     flush: Mutex<FlushState>,
     data_dirty: AtomicBool,
     opts: PoolOptions,
+    flusher: Arc<Flusher>,
+    /// In-place overwrites hold it shared (try-lock: they fall back to
+    /// redirect-on-write when it is taken) from their check until their
+    /// record is applied; flush and checkpoint take it exclusively to
+    /// capture the sequence number they make durable, and readers that saw
+    /// a checksum mismatch take it to wait out overwrites in progress.
+    inplace: RwLock<()>,
+    /// The highest sequence number a flush or checkpoint has captured.
+    captured: AtomicU64,
+    /// Slot → sequence number of the record that last wrote it, for slots
+    /// written since the last capture (bounded; pruned at capture).
+    fresh: Mutex<HashMap<u64, u64>>,
 }
+
+/// At most this many slots are remembered as fresh (in-place candidates).
+const FRESH_MAX: usize = 1 << 20;
 
 /// A pool of thin volumes in one directory (or any [`Medium`]).
 pub struct Pool {
     inner: Arc<Inner>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.inner.flusher.stop.store(true, Ordering::Release);
+        self.inner.flusher.cv.notify_one();
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Which state of a volume a handle reads.
@@ -431,6 +463,10 @@ impl Pool {
             flush: Mutex::new(FlushState { durable_upto: seq }),
             data_dirty: AtomicBool::new(false),
             opts,
+            flusher: Arc::new(Flusher::default()),
+            inplace: RwLock::new(()),
+            captured: AtomicU64::new(seq),
+            fresh: Mutex::new(HashMap::new()),
         });
         {
             let mut fs = inner.flush.lock();
@@ -438,7 +474,8 @@ impl Pool {
         }
         // Punch the space of slots nothing references (freed before a crash).
         inner.punch_free_space();
-        Ok(Arc::new(Pool { inner }))
+        let flusher = start_flusher(&inner);
+        Ok(Arc::new(Pool { inner, flusher }))
     }
 
     fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
@@ -571,6 +608,9 @@ impl Pool {
         validate_name("snapshot", name)?;
         let cell = self.cell(volume)?;
         let (seq, info) = {
+            // Overwrites in place in progress finish first: the new snapshot
+            // will see their slots, which must not change under it.
+            let _no_inplace = self.inner.inplace.write();
             let mut st = cell.st.write();
             if st.deleted {
                 return Err(deleted(volume));
@@ -736,6 +776,9 @@ impl Pool {
             damaged: Vec::new(),
         };
         let mut buf = vec![0u8; BLOCK];
+        // No overwrite in place while blocks are checked (writers fall back
+        // to redirect-on-write meanwhile).
+        let _no_inplace = self.inner.inplace.write();
         for cell in cells {
             let st = cell.st.read();
             let _g = self.inner.reuse.read();
@@ -1038,6 +1081,7 @@ fn replay_journals(
         .max(*seq);
     let mut buf = vec![0u8; BLOCK];
     let mut freed = Vec::new();
+    let mut orphan_drops: HashMap<(u32, u64, u32, u64), u32> = HashMap::new();
     for (s, rec) in frames {
         if s <= *seq {
             continue;
@@ -1096,11 +1140,27 @@ fn replay_journals(
                     // it to the medium.
                     items.retain(|it| match it.set {
                         Some(Loc::Data { slot, crc }) => {
-                            data.read_at(&mut buf, slot * B).is_ok()
-                                && format::block_crc(&buf) == crc
+                            let ok = data.read_at(&mut buf, slot * B).is_ok()
+                                && format::block_crc(&buf) == crc;
+                            if !ok {
+                                if let Some(t) = it.drop {
+                                    orphan_drops.insert((vol, it.block, birth, slot), t);
+                                }
+                            }
+                            ok
                         }
                         _ => true,
                     });
+                }
+                // A slot overwritten in place: the earlier record's data is
+                // gone (checked above), but its drop happened before the
+                // later record that is being applied now.
+                if !orphan_drops.is_empty() {
+                    for it in items.iter_mut() {
+                        if let (None, Some(Loc::Data { slot, .. })) = (it.drop, it.set) {
+                            it.drop = orphan_drops.remove(&(vol, it.block, birth, slot));
+                        }
+                    }
                 }
                 c.st.write().apply_update(birth, &items, &mut freed);
             }
@@ -1115,7 +1175,70 @@ fn replay_journals(
     Ok(expect)
 }
 
+/// Freed space waiting for a flush beyond this wakes the background flusher:
+/// without it, a client that never flushes would make the data file grow
+/// without bound (freed slots are reusable only once durable).
+const PENDING_FLUSH_SLOTS: usize = (128 << 20) / BLOCK;
+/// Completed writes are made durable in the background at least this often,
+/// like a filesystem's periodic commit.
+const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The background flusher's doorbell.
+#[derive(Default)]
+struct Flusher {
+    wake: Mutex<bool>,
+    cv: parking_lot::Condvar,
+    stop: AtomicBool,
+}
+
+/// Starts the thread that flushes when freed space piles up and every
+/// `FLUSH_INTERVAL`; it ends when the [`Pool`] is dropped.
+fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+    let weak = Arc::downgrade(inner);
+    let bell = Arc::clone(&inner.flusher);
+    let spawned = std::thread::Builder::new()
+        .name("snapgate-flusher".into())
+        .spawn(move || {
+            let mut last = std::time::Instant::now();
+            while !bell.stop.load(Ordering::Acquire) {
+                {
+                    let mut wake = bell.wake.lock();
+                    if !*wake && !bell.stop.load(Ordering::Acquire) {
+                        bell.cv
+                            .wait_for(&mut wake, std::time::Duration::from_millis(200));
+                    }
+                    *wake = false;
+                }
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let piled = inner.alloc.lock().pending_slots() >= PENDING_FLUSH_SLOTS;
+                if piled || last.elapsed() >= FLUSH_INTERVAL {
+                    if let Err(e) = inner.flush_all() {
+                        tracing::warn!(error = %e, "background flush failed");
+                    }
+                    last = std::time::Instant::now();
+                }
+            }
+        });
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the background flusher; space is reclaimed at client flushes only");
+            None
+        }
+    }
+}
+
 impl Inner {
+    /// Wakes the background flusher when freed space piles up.
+    fn note_pending(&self, pending: usize) {
+        if pending >= PENDING_FLUSH_SLOTS {
+            *self.flusher.wake.lock() = true;
+            self.flusher.cv.notify_one();
+        }
+    }
+
     fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
         self.vols
             .read()
@@ -1138,7 +1261,7 @@ impl Inner {
         }
         // Capture before syncing data: every record ≤ upto had its data
         // written before it was appended, so before this point.
-        let upto = self.journal.lock().seq;
+        let upto = self.capture();
         if self.data_dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.data.sync_data() {
                 self.data_dirty.store(true, Ordering::Release);
@@ -1160,6 +1283,18 @@ impl Inner {
         drop(fs);
         self.release_durable(upto);
         Ok(())
+    }
+
+    /// Takes the sequence number a flush or checkpoint will make durable.
+    /// From here on, no slot written by a record ≤ it is overwritten in
+    /// place: the sync that follows may write such a slot's data, and a
+    /// durable record must find exactly its data after a crash.
+    fn capture(&self) -> u64 {
+        let _w = self.inplace.write();
+        let upto = self.journal.lock().seq;
+        self.captured.fetch_max(upto, Ordering::AcqRel);
+        self.fresh.lock().retain(|_, s| *s > upto);
+        upto
     }
 
     /// Frees slots whose dropping records are durable.
@@ -1218,12 +1353,15 @@ impl Inner {
     /// Writes the whole metadata state as a new checkpoint and switches to a
     /// new journal. Called with the flush lock held.
     fn checkpoint(&self, fs: &mut FlushState) -> Result<()> {
+        let inplace = self.inplace.write();
         let vols = self.vols.write();
         let mut cells: Vec<Arc<VolCell>> = vols.by_id.values().cloned().collect();
         cells.sort_by_key(|c| c.id);
         let guards: Vec<_> = cells.iter().map(|c| c.st.write()).collect();
         let mut j = self.journal.lock();
         let seq = j.seq;
+        self.captured.fetch_max(seq, Ordering::AcqRel);
+        self.fresh.lock().clear();
         let new_id = j.id + 1;
         let mut recs = vec![Record::CheckpointBegin {
             journal_id: new_id,
@@ -1306,6 +1444,7 @@ impl Inner {
         drop(j);
         drop(guards);
         drop(vols);
+        drop(inplace);
 
         // Entries in the checkpoint may point at data not yet synced.
         self.data_dirty.store(false, Ordering::Release);
@@ -1343,7 +1482,10 @@ fn is_zero(b: &[u8]) -> bool {
         // the aligned middle part of the slice.
         b.align_to::<u64>()
     };
+    // Data rarely starts with zeros: look at the first words before
+    // scanning the whole block.
     pre.iter().all(|&x| x == 0)
+        && mid.iter().take(4).all(|&x| x == 0)
         && post.iter().all(|&x| x == 0)
         && mid.iter().fold(0u64, |a, &x| a | x) == 0
 }
@@ -1503,6 +1645,27 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset`. Every stored block is checked
     /// against its checksum; a mismatch is an error, never data.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.read_once(buf, offset) {
+                Err(e) if e.kind() == ErrorKind::Corruption && tries < 2 => {
+                    // Maybe a block overwritten in place while we read it:
+                    // wait for overwrites in progress, then read again.
+                    tries += 1;
+                    drop(self.inner.inplace.write());
+                }
+                Err(e) => {
+                    if e.kind() == ErrorKind::Corruption {
+                        tracing::error!(volume = %self.label(), offset, len = buf.len(), "{e}");
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -1579,7 +1742,6 @@ impl Volume {
         if format::block_crc(data) == crc {
             return Ok(());
         }
-        tracing::error!(volume = %self.label(), offset, "checksum mismatch: stored block is damaged");
         Err(Error::corrupt(format!(
             "{}: block at offset {offset} is damaged (checksum mismatch)",
             self.label()
@@ -1617,7 +1779,12 @@ impl Volume {
                 // The whole-block middle part.
                 let nblocks = (end - pos) / B;
                 let from = (pos - offset) as usize;
-                seq = self.write_blocks(b, &data[from..from + nblocks as usize * BLOCK], false)?;
+                seq = self.write_blocks(
+                    b,
+                    &data[from..from + nblocks as usize * BLOCK],
+                    false,
+                    false,
+                )?;
                 pos += nblocks * B;
             } else {
                 let hi = (bstart + B).min(end);
@@ -1647,8 +1814,7 @@ impl Volume {
         len: u64,
         trim: bool,
     ) -> Result<u64> {
-        let stripe = (b as usize ^ (self.cell.id as usize).wrapping_mul(0x9e37_79b9)) % STRIPES;
-        let _g = self.inner.stripes[stripe].lock();
+        let _g = self.inner.stripes[self.stripe(b)].lock();
         let mut blk = vec![0u8; BLOCK];
         {
             let st = self.cell.st.read();
@@ -1662,11 +1828,133 @@ impl Volume {
             Some(d) => blk[at..at + d.len()].copy_from_slice(d),
             None => blk[at..at + len as usize].fill(0),
         }
-        self.write_blocks(b, &blk, trim)
+        self.write_blocks(b, &blk, trim, true)
+    }
+
+    fn stripe(&self, b: u64) -> usize {
+        (b as usize ^ (self.cell.id as usize).wrapping_mul(0x9e37_79b9)) % STRIPES
+    }
+
+    /// Overwrites whole blocks in place when every one of them is the head's
+    /// own fresh copy: born in the current epoch (no snapshot sees it) and
+    /// written by a record that no flush has captured yet (so after a crash
+    /// its record is either durable together with this one or checked
+    /// against the data and dropped, falling back to the older durable
+    /// copy, which redirect-on-write left untouched). Repeated overwrites
+    /// between flushes then reuse the same slots, like a plain file, instead
+    /// of piling up freed space. `None`: not possible, use redirect-on-write.
+    /// `new` holds the blocks' new locations (all `Data`, slots unset).
+    fn overwrite_in_place(
+        &self,
+        first: u64,
+        data: &[u8],
+        new: &[Loc],
+        stripe_held: bool,
+    ) -> Result<Option<u64>> {
+        let n = new.len();
+        if n == 0 || n > 1024 {
+            return Ok(None);
+        }
+        let Some(_inplace) = self.inner.inplace.try_read() else {
+            return Ok(None);
+        };
+        // Writers of the same blocks in place must not interleave.
+        let _stripes: Vec<_> = if stripe_held {
+            Vec::new()
+        } else {
+            let mut idx: Vec<usize> = (0..n as u64).map(|i| self.stripe(first + i)).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            idx.into_iter()
+                .map(|i| self.inner.stripes[i].lock())
+                .collect()
+        };
+        let (cur, targets) = {
+            let st = self.cell.st.read();
+            if self.view_of(&st).is_err() {
+                return Ok(None);
+            }
+            let cur = st.epoch;
+            let captured = self.inner.captured.load(Ordering::Acquire);
+            let fresh = self.inner.fresh.lock();
+            let mut targets = Vec::with_capacity(n);
+            for i in 0..n as u64 {
+                match st.map.get(&(first + i, cur)) {
+                    Some(&Loc::Data { slot, crc })
+                        if st
+                            .map
+                            .range((first + i, cur + 1)..=(first + i, u32::MAX))
+                            .next()
+                            .is_none()
+                            && fresh.get(&slot).is_some_and(|&s| s > captured) =>
+                    {
+                        targets.push((slot, crc))
+                    }
+                    _ => return Ok(None),
+                }
+            }
+            (cur, targets)
+        };
+        let locs: Vec<Loc> = targets
+            .iter()
+            .zip(new)
+            .map(|(&(slot, _), l)| match *l {
+                Loc::Data { crc, .. } => Loc::Data { slot, crc },
+                other => other,
+            })
+            .collect();
+        self.write_slots(data, &locs)?;
+        self.inner.data_dirty.store(true, Ordering::Release);
+        let mut st = self.cell.st.write();
+        self.view_of(&st)?;
+        // A redirect-on-write of the same block may have won meanwhile: then
+        // the slot is freed (not reusable before a flush, which cannot
+        // capture while we hold `inplace`), and we write again elsewhere.
+        let unchanged = st.epoch == cur
+            && targets.iter().enumerate().all(|(i, &(slot, crc))| {
+                st.map.get(&(first + i as u64, cur)) == Some(&Loc::Data { slot, crc })
+            });
+        if !unchanged {
+            return Ok(None);
+        }
+        let items: Vec<UpdateItem> = locs
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| UpdateItem {
+                block: first + i as u64,
+                set: Some(l),
+                drop: None,
+            })
+            .collect();
+        st.cbt.mark(cur, first * B, n as u64 * B);
+        let rec = Record::Update {
+            vol: self.cell.id,
+            birth: cur,
+            items,
+        };
+        let seq = self.inner.journal.lock().append(&rec)?;
+        let Record::Update { items, .. } = rec else {
+            unreachable!()
+        };
+        let mut freed = Vec::new();
+        st.apply_update(cur, &items, &mut freed);
+        debug_assert!(freed.is_empty());
+        drop(st);
+        let mut fresh = self.inner.fresh.lock();
+        for &(slot, _) in &targets {
+            fresh.insert(slot, seq);
+        }
+        Ok(Some(seq))
     }
 
     /// Writes whole blocks; returns the journal sequence number of the record.
-    fn write_blocks(&self, first: u64, data: &[u8], zero_is_hole: bool) -> Result<u64> {
+    fn write_blocks(
+        &self,
+        first: u64,
+        data: &[u8],
+        zero_is_hole: bool,
+        stripe_held: bool,
+    ) -> Result<u64> {
         let n = data.len() / BLOCK;
         let mut locs: Vec<Loc> = Vec::with_capacity(n);
         let mut need = 0u64;
@@ -1679,6 +1967,11 @@ impl Volume {
                     slot: 0,
                     crc: format::block_crc(c),
                 });
+            }
+        }
+        if need == n as u64 {
+            if let Some(seq) = self.overwrite_in_place(first, data, &locs, stripe_held)? {
+                return Ok(seq);
             }
         }
         let runs = if need > 0 {
@@ -1739,11 +2032,25 @@ impl Volume {
         let mut freed = Vec::new();
         st.apply_update(birth, &items, &mut freed);
         drop(st);
-        if !freed.is_empty() {
-            let mut a = self.inner.alloc.lock();
-            for s in freed {
-                a.defer(seq, s, true);
+        {
+            let mut fresh = self.inner.fresh.lock();
+            if fresh.len() < FRESH_MAX {
+                for l in &locs {
+                    if let Loc::Data { slot, .. } = l {
+                        fresh.insert(*slot, seq);
+                    }
+                }
             }
+        }
+        if !freed.is_empty() {
+            let pending = {
+                let mut a = self.inner.alloc.lock();
+                for s in freed {
+                    a.defer(seq, s, true);
+                }
+                a.pending_slots()
+            };
+            self.inner.note_pending(pending);
         }
         Ok(seq)
     }
