@@ -900,22 +900,29 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
     }
 }
 
-/// Reads frames from a whole file. Returns the frames and whether the file
-/// ended cleanly (false: damaged or torn bytes at `offset`).
 /// Frames read from a file: (seq, record) in file order, and the byte offset
 /// of damaged or torn bytes that ended the read, if any.
 type Frames = (Vec<(u64, Record)>, Option<u64>);
 
 fn read_frames(file: &dyn MediumFile) -> Result<Frames> {
+    let bytes = read_all(file)?;
+    Ok(parse_frames(&bytes))
+}
+
+fn read_all(file: &dyn MediumFile) -> Result<Vec<u8>> {
     let len = file
         .len()
         .map_err(|e| Error::io("cannot stat metadata file", e))? as usize;
     let mut bytes = vec![0u8; len];
     file.read_at(&mut bytes, 0)
         .map_err(|e| Error::io("cannot read metadata file", e))?;
+    Ok(bytes)
+}
+
+fn parse_frames(bytes: &[u8]) -> Frames {
     let mut pos = 0;
     let mut out = Vec::new();
-    while pos < len {
+    while pos < bytes.len() {
         match decode_frame(&bytes[pos..]) {
             Decoded::Frame { seq, record, used } => {
                 out.push((seq, record));
@@ -924,13 +931,45 @@ fn read_frames(file: &dyn MediumFile) -> Result<Frames> {
             Decoded::Short | Decoded::Invalid => {
                 // Zeros after the last frame are a clean end (preallocation).
                 if bytes[pos..].iter().all(|&b| b == 0) {
-                    return Ok((out, None));
+                    return (out, None);
                 }
-                return Ok((out, Some(pos as u64)));
+                return (out, Some(pos as u64));
             }
         }
     }
-    Ok((out, None))
+    (out, None)
+}
+
+/// Whether the bad bytes at `from` were durable once, so they are damage and
+/// not a write torn by a crash: two valid `Sync` frames lie past them. Flushes
+/// are serialised, so a `Sync` followed by another one had its journal sync
+/// completed, which made everything before it durable. (The last `Sync` alone
+/// proves nothing: its flush may have died before its sync.)
+fn durable_sync_after(bytes: &[u8], from: usize, last_seq: u64) -> bool {
+    let mut syncs = 0;
+    const MAX_SCAN_FRAME: usize = 4 << 20;
+    let end = bytes.len().saturating_sub(format::FRAME_HEADER);
+    for pos in from + 1..end {
+        let h = &bytes[pos..pos + format::FRAME_HEADER];
+        let len = u32::from_le_bytes(h[0..4].try_into().unwrap()) as usize;
+        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        if len == 0 || len > MAX_SCAN_FRAME || seq <= last_seq || seq > last_seq + (1 << 40) {
+            continue;
+        }
+        if let Decoded::Frame {
+            record: Record::Sync { upto },
+            ..
+        } = decode_frame(&bytes[pos..])
+        {
+            if upto > last_seq {
+                syncs += 1;
+                if syncs == 2 {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
@@ -1057,15 +1096,27 @@ fn replay_journals(
         let f = medium
             .open(&journal_name(*id), false)
             .map_err(|e| Error::io("cannot open a journal", e))?;
-        let (fr, bad) = read_frames(&*f)?;
+        let bytes = read_all(&*f)?;
+        let (fr, bad) = parse_frames(&bytes);
         match fr.first() {
             Some((_, Record::JournalHeader { journal_id })) if journal_id == id => {}
             // A journal whose header never became durable holds nothing durable.
             _ => break,
         }
-        let torn = bad.is_some();
+        let last_seq = fr.last().map(|(s, _)| *s).unwrap_or(0);
         frames.extend(fr.into_iter().skip(1));
-        if torn {
+        if let Some(off) = bad {
+            // A crash can tear only what was never promised durable: bad
+            // bytes followed by a later journal (this one was synced whole
+            // when it was switched) or by a Sync covering them are damage.
+            let next = ids.contains(&(id + 1));
+            if next || durable_sync_after(&bytes, off as usize, last_seq) {
+                return Err(Error::corrupt(format!(
+                    "metadata journal {} in {} is damaged at byte {off}: acknowledged writes after it cannot be recovered",
+                    journal_name(*id),
+                    medium.describe()
+                )));
+            }
             // Nothing after a torn frame was acknowledged as durable.
             break;
         }
@@ -1416,6 +1467,12 @@ impl Inner {
             r.encode_frame(seq, &mut bytes);
         }
         drop(recs);
+        // Records appended since the last flush must not be lost behind
+        // durable records of the new journal: once the next journal exists,
+        // this one is whole.
+        j.file
+            .sync_data()
+            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
         // The new journal must exist durably before anything relies on it.
         let name = journal_name(new_id);
         self.medium
@@ -1431,11 +1488,6 @@ impl Inner {
             .and_then(|_| nf.sync_data())
             .and_then(|_| self.medium.sync_dir())
             .map_err(|e| Error::io("cannot create a journal", e))?;
-        // Records appended since the last flush must not be lost behind
-        // durable records of the new journal.
-        j.file
-            .sync_data()
-            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
         let old_id = j.id;
         j.file = nf;
         j.id = new_id;

@@ -284,3 +284,36 @@ fn reuse_reserve_is_bounded() {
         "reserve exceeded: {end}"
     );
 }
+
+#[test]
+fn damaged_journal_is_reported_not_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 1 << 20).unwrap();
+        let h = pool.open_head("v").unwrap();
+        for b in 0..8 {
+            h.write_at(&pat(b), b * BLOCK as u64, false).unwrap();
+            pool.flush().unwrap();
+        }
+    }
+    let journal = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("journal.")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // Inside the first update record, well before the later flush markers.
+    bytes[60] ^= 0x08;
+    std::fs::write(&journal, &bytes).unwrap();
+    let e = Pool::open(dir.path(), PoolOptions::default())
+        .err()
+        .expect("a damaged journal must not silently drop acknowledged writes");
+    assert_eq!(e.kind(), ErrorKind::Corruption);
+    assert!(e.to_string().contains("journal"), "{e}");
+}
