@@ -212,7 +212,11 @@ fn qemu_img_map_reads_the_dirty_bitmap() {
     };
     assert_eq!(
         dirty("v", "a"),
-        vec![(1 << 20, 64 << 10), (5 << 20, 128 << 10), (7 << 20, 64 << 10)],
+        vec![
+            (1 << 20, 64 << 10),
+            (5 << 20, 128 << 10),
+            (7 << 20, 64 << 10)
+        ],
         "head since a"
     );
     assert_eq!(dirty("v", "b"), vec![(7 << 20, 64 << 10)], "head since b");
