@@ -86,6 +86,24 @@ pub enum Record {
         journal_id: u64,
         frames: u64,
     },
+    /// In a checkpoint, right before a `CheckpointEntries` frame of `len`
+    /// bytes: which volume and blocks it describes, so a damaged entries
+    /// frame can be skipped and its blocks reported instead of the whole
+    /// pool failing to open.
+    CheckpointChunk {
+        vol: u32,
+        first: u64,
+        last: u64,
+        len: u32,
+    },
+    /// Blocks `first..=last` of `vol` whose map entries born up to epoch
+    /// `upto` were lost to damage: views that would see such an entry fail.
+    CheckpointDamage {
+        vol: u32,
+        first: u64,
+        last: u64,
+        upto: u32,
+    },
 }
 
 struct W(Vec<u8>);
@@ -287,6 +305,30 @@ impl Record {
                 w.u64(*journal_id);
                 w.u64(*frames)
             }
+            Record::CheckpointChunk {
+                vol,
+                first,
+                last,
+                len,
+            } => {
+                w.u8(14);
+                w.u32(*vol);
+                w.u64(*first);
+                w.u64(*last);
+                w.u32(*len)
+            }
+            Record::CheckpointDamage {
+                vol,
+                first,
+                last,
+                upto,
+            } => {
+                w.u8(15);
+                w.u32(*vol);
+                w.u64(*first);
+                w.u64(*last);
+                w.u32(*upto)
+            }
         }
     }
 
@@ -372,6 +414,18 @@ impl Record {
             13 => Record::CheckpointEnd {
                 journal_id: r.u64()?,
                 frames: r.u64()?,
+            },
+            14 => Record::CheckpointChunk {
+                vol: r.u32()?,
+                first: r.u64()?,
+                last: r.u64()?,
+                len: r.u32()?,
+            },
+            15 => Record::CheckpointDamage {
+                vol: r.u32()?,
+                first: r.u64()?,
+                last: r.u64()?,
+                upto: r.u32()?,
             },
             _ => return None,
         };
@@ -511,6 +565,18 @@ mod tests {
             Record::CheckpointEnd {
                 journal_id: 3,
                 frames: 4,
+            },
+            Record::CheckpointChunk {
+                vol: 2,
+                first: 10,
+                last: 20,
+                len: 999,
+            },
+            Record::CheckpointDamage {
+                vol: 2,
+                first: 10,
+                last: 20,
+                upto: 7,
             },
         ]
     }

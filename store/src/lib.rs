@@ -50,7 +50,7 @@
 //! | `pool.lock` | empty; `flock(LOCK_EX)` keeps a second process out |
 //! | `data` | slot `n` at byte `n × 4096`; holes where slots are free |
 //! | `journal.<id>` | frames, the first a `JournalHeader{id}` |
-//! | `checkpoint` | frames: `CheckpointBegin{journal id, next volume id, seq}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointEntries`… (4096 entries a frame), `CheckpointEnd{journal id, frame count}` |
+//! | `checkpoint` | frames: `CheckpointBegin{journal id, next volume id, seq}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointDamage`… + (`CheckpointChunk{vol, first, last block, frame length}` + `CheckpointEntries`)… (4096 entries a frame), `CheckpointEnd{journal id, frame count}` |
 //!
 //! A frame:
 //!
@@ -66,6 +66,12 @@
 //! birth u32` (26 bytes, so a 4 KiB write costs about 55 bytes of journal).
 //! Every data block's CRC-32 lives in its map entry and is checked on every
 //! read and by [`Pool::verify`]; every metadata frame carries its own CRC.
+//! A damaged entries frame of the checkpoint costs only the blocks its chunk
+//! header names: they read as errors (and show as data in block status, so
+//! copy tools do not skip them) until rewritten, and `verify` lists them; the
+//! volume's epoch is bumped so later writes are known good. Damage anywhere
+//! else in the checkpoint, or in a journal frame that a completed flush
+//! covered, stops the pool from opening with an error naming the file.
 //!
 //! ## Durability and recovery
 //! * A completed write has its data `pwrite`n and its journal record

@@ -100,6 +100,9 @@ pub(crate) struct VolState {
     pub deleted: bool,
     /// Changed blocks per epoch, fed by `apply_update`.
     pub cbt: cbt::Tracker,
+    /// (first, last, upto): blocks whose map entries born up to epoch `upto`
+    /// were lost with a damaged checkpoint frame.
+    pub damaged: Vec<(u64, u64, u32)>,
 }
 
 impl VolState {
@@ -209,7 +212,42 @@ impl VolState {
         for &(b, birth) in self.map.keys() {
             t.mark(self.cbt_epoch(birth), b * B, B);
         }
+        // Lost metadata: whatever happened there, report it as changed.
+        let epochs: Vec<u32> = self
+            .snaps
+            .keys()
+            .copied()
+            .chain(std::iter::once(self.epoch))
+            .collect();
+        for &(first, last, _) in &self.damaged {
+            for &e in &epochs {
+                t.mark(e, first * B, (last - first + 1) * B);
+            }
+        }
         self.cbt = t;
+    }
+
+    /// The first block of `[first, first+n)` whose content the view `limit`
+    /// cannot know because its metadata was lost.
+    fn first_damaged(&self, first: u64, n: u64, limit: u32) -> Option<u64> {
+        for &(lo, hi, upto) in &self.damaged {
+            let a = lo.max(first);
+            let z = hi.min(first + n - 1);
+            if a > z {
+                continue;
+            }
+            for b in a..=z {
+                let seen = self
+                    .map
+                    .range((b, 0)..=(b, limit))
+                    .next_back()
+                    .map(|(&(_, t), _)| t);
+                if seen.is_none_or(|t| t <= upto) {
+                    return Some(b);
+                }
+            }
+        }
+        None
     }
 
     /// Entries that become invisible when the snapshot at `epoch` goes.
@@ -781,6 +819,18 @@ impl Pool {
         let _no_inplace = self.inner.inplace.write();
         for cell in cells {
             let st = cell.st.read();
+            for &(first, last, _) in &st.damaged {
+                report.damaged.push(Damage {
+                    volume: cell.name.clone(),
+                    snapshot: None,
+                    offset: first * B,
+                    what: format!(
+                        "map entries of {} blocks ({} bytes from here) were lost with a damaged checkpoint frame; they read as errors until rewritten",
+                        last - first + 1,
+                        (last - first + 1) * B
+                    ),
+                });
+            }
             let _g = self.inner.reuse.read();
             let entries: Vec<_> = st.map.iter().map(|(k, v)| (*k, *v)).collect();
             for (i, &((b, t), l)) in entries.iter().enumerate() {
@@ -888,6 +938,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 map: BTreeMap::new(),
                 data_entries: 0,
                 deleted: false,
+                damaged: Vec::new(),
                 cbt: match *cbt_shift {
                     0 => cbt::Tracker::disabled(),
                     s => cbt::Tracker::new(1u64 << s.clamp(9, 40)),
@@ -900,14 +951,26 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
     }
 }
 
+/// Appends an entries frame with its chunk header (which needs the frame's
+/// encoded length).
+fn push_chunk(recs: &mut Vec<Record>, vol: u32, entries: Vec<(u64, u32, Loc)>, seq: u64) {
+    let first = entries.first().map(|e| e.0).unwrap_or(0);
+    let last = entries.last().map(|e| e.0).unwrap_or(0);
+    let rec = Record::CheckpointEntries { vol, entries };
+    let mut probe = Vec::new();
+    rec.encode_frame(seq, &mut probe);
+    recs.push(Record::CheckpointChunk {
+        vol,
+        first,
+        last,
+        len: probe.len() as u32,
+    });
+    recs.push(rec);
+}
+
 /// Frames read from a file: (seq, record) in file order, and the byte offset
 /// of damaged or torn bytes that ended the read, if any.
 type Frames = (Vec<(u64, Record)>, Option<u64>);
-
-fn read_frames(file: &dyn MediumFile) -> Result<Frames> {
-    let bytes = read_all(file)?;
-    Ok(parse_frames(&bytes))
-}
 
 fn read_all(file: &dyn MediumFile) -> Result<Vec<u8>> {
     let len = file
@@ -976,15 +1039,56 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
     let f = medium
         .open(CHECKPOINT, false)
         .map_err(|e| Error::io("cannot open the checkpoint", e))?;
-    let (frames, bad) = read_frames(&*f)?;
+    let bytes = read_all(&*f)?;
     let damaged = |what: String| {
         Error::corrupt(format!(
             "metadata checkpoint in {} is damaged: {what}",
             medium.describe()
         ))
     };
-    if let Some(off) = bad {
-        return Err(damaged(format!("invalid frame at byte {off}")));
+    // Frames in order; an entries frame that fails its checksum is skipped
+    // (its chunk header says how long it is and what it described) and its
+    // blocks are recorded as lost. Any other damage is fatal.
+    let mut frames: Vec<(u64, Record)> = Vec::new();
+    let mut lost: Vec<(u32, u64, u64)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        match decode_frame(&bytes[pos..]) {
+            Decoded::Frame { seq, record, used } => {
+                let chunk = match &record {
+                    Record::CheckpointChunk {
+                        vol,
+                        first,
+                        last,
+                        len,
+                    } => Some((*vol, *first, *last, *len as usize)),
+                    _ => None,
+                };
+                frames.push((seq, record));
+                pos += used;
+                if let Some((vol, first, last, len)) = chunk {
+                    match decode_frame(&bytes[pos..]) {
+                        Decoded::Frame {
+                            seq,
+                            record: record @ Record::CheckpointEntries { .. },
+                            used,
+                        } if used == len => {
+                            frames.push((seq, record));
+                            pos += used;
+                        }
+                        _ if pos + len <= bytes.len() => {
+                            lost.push((vol, first, last));
+                            // Keeps the frame count of the end record right.
+                            frames.push((seq, Record::Sync { upto: 0 }));
+                            pos += len;
+                        }
+                        _ => return Err(damaged(format!("invalid frame at byte {pos}"))),
+                    }
+                }
+            }
+            _ if bytes[pos..].iter().all(|&b| b == 0) => break,
+            _ => return Err(damaged(format!("invalid frame at byte {pos}"))),
+        }
     }
     let Some((
         _,
@@ -1063,8 +1167,37 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
                     st.map.insert((b, t), l);
                 }
             }
+            Record::CheckpointDamage {
+                vol,
+                first,
+                last,
+                upto,
+            } => {
+                if let Some(cell) = vols.by_id.get(vol) {
+                    cell.st.write().damaged.push((*first, *last, *upto));
+                }
+            }
+            Record::CheckpointChunk { .. } | Record::Sync { .. } => {}
             other => return Err(damaged(format!("unexpected record {other:?}"))),
         }
+    }
+    for (vol, first, last) in lost {
+        let cell = vols
+            .by_id
+            .get(&vol)
+            .ok_or_else(|| damaged(format!("entries of unknown volume {vol}")))?;
+        let mut st = cell.st.write();
+        let upto = st.epoch;
+        tracing::error!(
+            volume = %cell.name,
+            first_offset = first * B,
+            last_offset = last * B + B - 1,
+            "metadata checkpoint frame damaged: these blocks read as errors until rewritten"
+        );
+        st.damaged.push((first, last, upto));
+        // Writes from now on are born in a later epoch, so they are known
+        // good even in the damaged range.
+        st.epoch = st.epoch.saturating_add(1);
     }
     Ok((journal_id, seq))
 }
@@ -1440,21 +1573,23 @@ impl Inner {
                     name: s.name.clone(),
                 });
             }
+            for &(first, last, upto) in &st.damaged {
+                recs.push(Record::CheckpointDamage {
+                    vol: c.id,
+                    first,
+                    last,
+                    upto,
+                });
+            }
             let mut chunk = Vec::with_capacity(CKPT_CHUNK);
             for (&(b, t), &l) in &st.map {
                 chunk.push((b, t, l));
                 if chunk.len() == CKPT_CHUNK {
-                    recs.push(Record::CheckpointEntries {
-                        vol: c.id,
-                        entries: std::mem::take(&mut chunk),
-                    });
+                    push_chunk(&mut recs, c.id, std::mem::take(&mut chunk), seq);
                 }
             }
             if !chunk.is_empty() {
-                recs.push(Record::CheckpointEntries {
-                    vol: c.id,
-                    entries: chunk,
-                });
+                push_chunk(&mut recs, c.id, chunk, seq);
             }
         }
         let n = recs.len() as u64 + 1;
@@ -1726,6 +1861,15 @@ impl Volume {
         let (limit, size) = self.view_of(&st)?;
         self.check_range(offset, buf.len() as u64, size)?;
         let last = (offset + buf.len() as u64 - 1) / B;
+        if !st.damaged.is_empty() {
+            if let Some(b) = st.first_damaged(first, last - first + 1, limit) {
+                return Err(Error::corrupt(format!(
+                    "{}: block at offset {} is damaged (its metadata was lost with a damaged checkpoint frame)",
+                    self.label(),
+                    b * B
+                )));
+            }
+        }
         let locs = st.locate(first, (last - first + 1) as usize, limit);
         let _reading = self.inner.reuse.read();
         drop(st);
@@ -2302,6 +2446,42 @@ impl Volume {
         }
         if cursor <= last {
             push(&mut out, cursor * B, (last + 1) * B, ExtentKind::Hole);
+        }
+        // Blocks with lost metadata are reported as data, so that readers
+        // read them (and get the error) instead of skipping them as holes.
+        let cuts: Vec<(u64, u64)> = st
+            .damaged
+            .iter()
+            .filter_map(|&(lo, hi, _)| {
+                let a = (lo * B).max(offset);
+                let z = ((hi + 1) * B).min(end);
+                (a < z).then_some((a, z))
+            })
+            .collect();
+        if !cuts.is_empty() {
+            let mut res = Vec::with_capacity(out.len() + 2 * cuts.len());
+            for e in out {
+                let mut pos = e.offset;
+                let e_end = e.offset + e.length;
+                while pos < e_end {
+                    if let Some(&(_, z)) = cuts.iter().find(|&&(a, z)| a <= pos && pos < z) {
+                        let to = z.min(e_end);
+                        push(&mut res, pos, to, ExtentKind::Data);
+                        pos = to;
+                    } else {
+                        let to = cuts
+                            .iter()
+                            .map(|&(a, _)| a)
+                            .filter(|&a| a > pos)
+                            .min()
+                            .unwrap_or(e_end)
+                            .min(e_end);
+                        push(&mut res, pos, to, e.kind);
+                        pos = to;
+                    }
+                }
+            }
+            out = res;
         }
         Ok(out)
     }
