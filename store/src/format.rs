@@ -447,6 +447,12 @@ impl Record {
     }
 }
 
+/// Encoded length of a `CheckpointEntries` frame of `n` entries: header,
+/// type byte, volume, count, and 25 bytes an entry.
+pub fn entries_frame_len(n: usize) -> usize {
+    FRAME_HEADER + 1 + 4 + 4 + 25 * n
+}
+
 /// What [`decode_frame`] found at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -579,6 +585,19 @@ mod tests {
                 upto: 7,
             },
         ]
+    }
+
+    #[test]
+    fn entries_frame_len_matches_the_encoding() {
+        for n in [0usize, 1, 7, 4096] {
+            let rec = Record::CheckpointEntries {
+                vol: 3,
+                entries: vec![(9, 2, Loc::Data { slot: 1, crc: 2 }); n],
+            };
+            let mut buf = Vec::new();
+            rec.encode_frame(1, &mut buf);
+            assert_eq!(buf.len(), entries_frame_len(n));
+        }
     }
 
     #[test]

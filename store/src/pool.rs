@@ -953,19 +953,16 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
 
 /// Appends an entries frame with its chunk header (which needs the frame's
 /// encoded length).
-fn push_chunk(recs: &mut Vec<Record>, vol: u32, entries: Vec<(u64, u32, Loc)>, seq: u64) {
+fn push_chunk(recs: &mut Vec<Record>, vol: u32, entries: Vec<(u64, u32, Loc)>) {
     let first = entries.first().map(|e| e.0).unwrap_or(0);
     let last = entries.last().map(|e| e.0).unwrap_or(0);
-    let rec = Record::CheckpointEntries { vol, entries };
-    let mut probe = Vec::new();
-    rec.encode_frame(seq, &mut probe);
     recs.push(Record::CheckpointChunk {
         vol,
         first,
         last,
-        len: probe.len() as u32,
+        len: format::entries_frame_len(entries.len()) as u32,
     });
-    recs.push(rec);
+    recs.push(Record::CheckpointEntries { vol, entries });
 }
 
 /// Frames read from a file: (seq, record) in file order, and the byte offset
@@ -1585,11 +1582,11 @@ impl Inner {
             for (&(b, t), &l) in &st.map {
                 chunk.push((b, t, l));
                 if chunk.len() == CKPT_CHUNK {
-                    push_chunk(&mut recs, c.id, std::mem::take(&mut chunk), seq);
+                    push_chunk(&mut recs, c.id, std::mem::take(&mut chunk));
                 }
             }
             if !chunk.is_empty() {
-                push_chunk(&mut recs, c.id, chunk, seq);
+                push_chunk(&mut recs, c.id, chunk);
             }
         }
         let n = recs.len() as u64 + 1;
