@@ -20,6 +20,19 @@ pub struct UpdateItem {
     pub drop: Option<u32>,
 }
 
+/// Where a written map page lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef {
+    /// Slot number in the `meta` file (16 KiB each).
+    pub slot: u64,
+    /// Unique page id: the page frame's sequence number.
+    pub id: u64,
+    /// Lowest and highest block with an entry in the page, for damage
+    /// reports when the page cannot be read.
+    pub first: u64,
+    pub last: u64,
+}
+
 /// A metadata record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -69,6 +82,8 @@ pub enum Record {
         journal_id: u64,
         next_vol_id: u32,
         seq: u64,
+        /// The id the next written map page gets.
+        next_page: u64,
     },
     CheckpointVolume {
         id: u32,
@@ -78,6 +93,8 @@ pub enum Record {
         cbt_shift: u8,
         name: String,
     },
+    /// A map page (in the `meta` file, with the page id as sequence
+    /// number): entries sorted by (block, birth).
     CheckpointEntries {
         vol: u32,
         entries: Vec<(u64, u32, Loc)>,
@@ -86,15 +103,11 @@ pub enum Record {
         journal_id: u64,
         frames: u64,
     },
-    /// In a checkpoint, right before a `CheckpointEntries` frame of `len`
-    /// bytes: which volume and blocks it describes, so a damaged entries
-    /// frame can be skipped and its blocks reported instead of the whole
-    /// pool failing to open.
-    CheckpointChunk {
+    /// Part of a volume's page directory: each page's lowest key
+    /// (block, birth) and where it lives.
+    CheckpointPages {
         vol: u32,
-        first: u64,
-        last: u64,
-        len: u32,
+        pages: Vec<(u64, u32, PageRef)>,
     },
     /// Blocks `first..=last` of `vol` whose map entries born up to epoch
     /// `upto` were lost to damage: views that would see such an entry fail.
@@ -268,11 +281,13 @@ impl Record {
                 journal_id,
                 next_vol_id,
                 seq,
+                next_page,
             } => {
                 w.u8(10);
                 w.u64(*journal_id);
                 w.u32(*next_vol_id);
-                w.u64(*seq)
+                w.u64(*seq);
+                w.u64(*next_page)
             }
             Record::CheckpointVolume {
                 id,
@@ -290,32 +305,24 @@ impl Record {
                 w.u8(*cbt_shift);
                 w.str(name)
             }
-            Record::CheckpointEntries { vol, entries } => {
-                w.u8(12);
-                w.u32(*vol);
-                w.u32(entries.len() as u32);
-                for (b, e, l) in entries {
-                    w.u64(*b);
-                    w.u32(*e);
-                    w.loc(*l);
-                }
-            }
+            Record::CheckpointEntries { vol, entries } => entries_payload(w, *vol, entries),
             Record::CheckpointEnd { journal_id, frames } => {
                 w.u8(13);
                 w.u64(*journal_id);
                 w.u64(*frames)
             }
-            Record::CheckpointChunk {
-                vol,
-                first,
-                last,
-                len,
-            } => {
+            Record::CheckpointPages { vol, pages } => {
                 w.u8(14);
                 w.u32(*vol);
-                w.u64(*first);
-                w.u64(*last);
-                w.u32(*len)
+                w.u32(pages.len() as u32);
+                for (b, t, r) in pages {
+                    w.u64(*b);
+                    w.u32(*t);
+                    w.u64(r.slot);
+                    w.u64(r.id);
+                    w.u64(r.first);
+                    w.u64(r.last);
+                }
             }
             Record::CheckpointDamage {
                 vol,
@@ -393,6 +400,7 @@ impl Record {
                 journal_id: r.u64()?,
                 next_vol_id: r.u32()?,
                 seq: r.u64()?,
+                next_page: r.u64()?,
             },
             11 => Record::CheckpointVolume {
                 id: r.u32()?,
@@ -415,12 +423,24 @@ impl Record {
                 journal_id: r.u64()?,
                 frames: r.u64()?,
             },
-            14 => Record::CheckpointChunk {
-                vol: r.u32()?,
-                first: r.u64()?,
-                last: r.u64()?,
-                len: r.u32()?,
-            },
+            14 => {
+                let vol = r.u32()?;
+                let n = r.count(44)?;
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pages.push((
+                        r.u64()?,
+                        r.u32()?,
+                        PageRef {
+                            slot: r.u64()?,
+                            id: r.u64()?,
+                            first: r.u64()?,
+                            last: r.u64()?,
+                        },
+                    ));
+                }
+                Record::CheckpointPages { vol, pages }
+            }
             15 => Record::CheckpointDamage {
                 vol: r.u32()?,
                 first: r.u64()?,
@@ -434,17 +454,39 @@ impl Record {
 
     /// Appends this record as one frame with sequence number `seq`.
     pub fn encode_frame(&self, seq: u64, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0u8; FRAME_HEADER]);
-        let mut w = W(std::mem::take(out));
-        self.encode_payload(&mut w);
-        *out = w.0;
-        let len = (out.len() - start - FRAME_HEADER) as u32;
-        out[start + 8..start + 16].copy_from_slice(&seq.to_le_bytes());
-        let crc = crc32fast::hash(&out[start + 8..]);
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        write_frame(seq, out, |w| self.encode_payload(w));
     }
+}
+
+fn entries_payload(w: &mut W, vol: u32, entries: &[(u64, u32, Loc)]) {
+    w.u8(12);
+    w.u32(vol);
+    w.u32(entries.len() as u32);
+    for (b, e, l) in entries {
+        w.u64(*b);
+        w.u32(*e);
+        w.loc(*l);
+    }
+}
+
+/// Appends one frame whose payload `body` writes.
+fn write_frame(seq: u64, out: &mut Vec<u8>, body: impl FnOnce(&mut W)) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER]);
+    let mut w = W(std::mem::take(out));
+    body(&mut w);
+    *out = w.0;
+    let len = (out.len() - start - FRAME_HEADER) as u32;
+    out[start + 8..start + 16].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends a `CheckpointEntries` frame (a map page) without building the
+/// record.
+pub fn encode_entries_frame(vol: u32, entries: &[(u64, u32, Loc)], seq: u64, out: &mut Vec<u8>) {
+    write_frame(seq, out, |w| entries_payload(w, vol, entries));
 }
 
 /// Encoded length of a `CheckpointEntries` frame of `n` entries: header,
@@ -555,6 +597,7 @@ mod tests {
                 journal_id: 3,
                 next_vol_id: 4,
                 seq: 10,
+                next_page: 11,
             },
             Record::CheckpointVolume {
                 id: 1,
@@ -572,11 +615,18 @@ mod tests {
                 journal_id: 3,
                 frames: 4,
             },
-            Record::CheckpointChunk {
+            Record::CheckpointPages {
                 vol: 2,
-                first: 10,
-                last: 20,
-                len: 999,
+                pages: vec![(
+                    10,
+                    3,
+                    PageRef {
+                        slot: 1,
+                        id: 2,
+                        first: 10,
+                        last: 20,
+                    },
+                )],
             },
             Record::CheckpointDamage {
                 vol: 2,
@@ -597,6 +647,12 @@ mod tests {
             let mut buf = Vec::new();
             rec.encode_frame(1, &mut buf);
             assert_eq!(buf.len(), entries_frame_len(n));
+            let Record::CheckpointEntries { entries, .. } = &rec else {
+                unreachable!()
+            };
+            let mut direct = Vec::new();
+            encode_entries_frame(3, entries, 1, &mut direct);
+            assert_eq!(direct, buf);
         }
     }
 

@@ -133,6 +133,7 @@ mod alloc;
 mod error;
 pub mod format;
 pub mod medium;
+mod pages;
 mod pool;
 
 pub use error::{Error, ErrorKind, Result};
@@ -164,6 +165,12 @@ pub struct PoolOptions {
     /// file for reuse (cheap syncs); beyond it, freed space is given back to
     /// the filesystem at once.
     pub reuse_reserve_bytes: u64,
+    /// Memory for map pages: half for pages read from disk (an LRU cache
+    /// shared by every volume), half for changed pages waiting for the
+    /// next checkpoint (which starts when they fill it).
+    pub map_cache_bytes: u64,
+    /// Most entries in a map page (4 ..= 640; smaller only in tests).
+    pub map_page_entries: usize,
 }
 
 impl Default for PoolOptions {
@@ -171,6 +178,8 @@ impl Default for PoolOptions {
         PoolOptions {
             journal_limit: 64 << 20,
             reuse_reserve_bytes: 64 << 20,
+            map_cache_bytes: 64 << 20,
+            map_page_entries: pages::PAGE_MAX,
         }
     }
 }

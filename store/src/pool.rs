@@ -5,6 +5,7 @@ use crate::alloc::Alloc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
+use crate::pages::{Key, PageStore, PagedMap};
 use crate::{
     Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, Version,
     VolumeInfo, VolumeOptions, BLOCK,
@@ -20,12 +21,13 @@ const B: u64 = BLOCK as u64;
 const DATA_FILE: &str = "data";
 const CHECKPOINT: &str = "checkpoint";
 const CHECKPOINT_TMP: &str = "checkpoint.tmp";
+const META_FILE: &str = "meta";
 const STRIPES: usize = 256;
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 /// Sizes are whole sectors.
 pub const SIZE_ALIGN: u64 = 512;
-/// Entries per checkpoint frame.
+/// Page directory entries per checkpoint frame.
 const CKPT_CHUNK: usize = 4096;
 
 fn journal_name(id: u64) -> String {
@@ -94,8 +96,8 @@ pub(crate) struct VolState {
     /// Live snapshots by epoch: a snapshot sees, per block, the entry with
     /// the largest birth ≤ its epoch.
     pub snaps: BTreeMap<u32, Snap>,
-    /// (block, birth) → location.
-    pub map: BTreeMap<(u64, u32), Loc>,
+    /// (block, birth) → location, paged (see pages.rs).
+    pub map: PagedMap,
     pub data_entries: u64,
     pub deleted: bool,
     /// Changed blocks per epoch, fed by `apply_update`.
@@ -114,83 +116,92 @@ impl VolState {
     }
 
     /// Applies a map record; returns the slots it stopped referencing.
-    fn apply_update(&mut self, birth: u32, items: &[UpdateItem], freed: &mut Vec<u64>) {
+    /// Cannot fail for blocks whose pages [`VolState::plan`] (or
+    /// `prepare`) made dirty.
+    fn apply_update(
+        &mut self,
+        birth: u32,
+        items: &[UpdateItem],
+        freed: &mut Vec<u64>,
+    ) -> Result<()> {
         for it in items {
             self.cbt.mark(birth, it.block * B, B);
             if let Some(t) = it.drop {
-                if let Some(old) = self.map.remove(&(it.block, t)) {
+                if let Some(old) = self.map.remove((it.block, t))? {
                     self.forget(old, freed);
                 }
             }
             if let Some(l) = it.set {
                 if let Loc::Data { .. } = l {
-                    self.data_entries += 1;
+                    self.data_entries = self.data_entries.wrapping_add(1);
                 }
-                match self.map.insert((it.block, birth), l) {
+                match self.map.insert((it.block, birth), l)? {
                     // Overwritten in place: the slot stays in use.
                     Some(Loc::Data { slot, .. }) if matches!(l, Loc::Data { slot: s, .. } if s == slot) =>
                     {
-                        self.data_entries -= 1;
+                        self.data_entries = self.data_entries.wrapping_sub(1);
                     }
                     Some(old) => self.forget(old, freed),
                     None => {}
                 }
             }
         }
+        Ok(())
     }
 
-    fn apply_drops(&mut self, items: &[(u64, u32)], freed: &mut Vec<u64>) {
+    fn apply_drops(&mut self, items: &[(u64, u32)], freed: &mut Vec<u64>) -> Result<()> {
         for &(b, t) in items {
-            if let Some(old) = self.map.remove(&(b, t)) {
+            if let Some(old) = self.map.remove((b, t))? {
                 self.forget(old, freed);
             }
         }
+        Ok(())
     }
 
+    /// Entry counts are exact once the pool is open (see `open_scan`); during
+    /// replay they may start from zero, hence wrapping.
     fn forget(&mut self, l: Loc, freed: &mut Vec<u64>) {
         if let Loc::Data { slot, .. } = l {
-            self.data_entries -= 1;
+            self.data_entries = self.data_entries.wrapping_sub(1);
             freed.push(slot);
         }
     }
 
     /// The update that gives `block` the value `new` on the head, keeping
     /// whatever a live snapshot still sees; `None` when nothing changes.
-    fn plan(&self, block: u64, new: Loc) -> Option<UpdateItem> {
+    /// Makes the block's map pages dirty, so applying it cannot fail.
+    fn plan(&mut self, block: u64, new: Loc) -> Result<Option<UpdateItem>> {
+        self.map.prepare((block, 0), (block, u32::MAX))?;
         let cur = self.epoch;
-        let latest = self
-            .map
-            .range((block, 0)..=(block, u32::MAX))
-            .next_back()
-            .map(|(&(_, t), _)| t);
+        let latest = self.map.latest(block, u32::MAX)?.map(|(t, _)| t);
         let Some(t) = latest else {
-            return (new != Loc::Hole).then_some(UpdateItem {
+            return Ok((new != Loc::Hole).then_some(UpdateItem {
                 block,
                 set: Some(new),
                 drop: None,
-            });
+            }));
         };
         let seen_by_snapshot = t != cur && self.snaps.range(t..cur).next().is_some();
         if seen_by_snapshot {
-            return Some(UpdateItem {
+            return Ok(Some(UpdateItem {
                 block,
                 set: Some(new),
                 drop: None,
-            });
+            }));
         }
-        let older = self.map.range((block, 0)..(block, t)).next().is_some();
+        let older = t > 0 && self.map.latest(block, t - 1)?.is_some();
         if new == Loc::Hole && !older {
-            return Some(UpdateItem {
+            return Ok(Some(UpdateItem {
                 block,
                 set: None,
                 drop: Some(t),
-            });
+            }));
         }
-        Some(UpdateItem {
+        Ok(Some(UpdateItem {
             block,
             set: Some(new),
             drop: (t != cur).then_some(t),
-        })
+        }))
     }
 
     /// The epoch whose change bitmap holds writes born in `birth`: the
@@ -203,14 +214,33 @@ impl VolState {
             .unwrap_or(self.epoch)
     }
 
-    /// Rebuilds the change bitmaps from the durable map (see the cbt crate).
-    fn rebuild_cbt(&mut self) {
-        if !self.cbt.enabled() {
-            return;
-        }
-        let mut t = cbt::Tracker::new(self.cbt.granularity());
-        for &(b, birth) in self.map.keys() {
-            t.mark(self.cbt_epoch(birth), b * B, B);
+    /// At open, one pass over the whole map: counts data entries, collects
+    /// the data slots in use into `used`, and rebuilds the change bitmaps
+    /// from the entries' births (see the cbt crate).
+    fn open_scan(&mut self, used: &mut Vec<u64>) -> Result<()> {
+        let tracking = self.cbt.enabled();
+        let mut t = cbt::Tracker::new(self.cbt.granularity().max(4096));
+        let mut data = 0u64;
+        let snaps: Vec<u32> = self.snaps.keys().copied().collect();
+        let head = self.epoch;
+        let cbt_epoch = |birth: u32| {
+            let i = snaps.partition_point(|&e| e < birth);
+            snaps.get(i).copied().unwrap_or(head)
+        };
+        self.map.for_each_page(|entries| {
+            for &(b, birth, l) in entries {
+                if let Loc::Data { slot, .. } = l {
+                    data += 1;
+                    used.push(slot);
+                }
+                if tracking {
+                    t.mark(cbt_epoch(birth), b * B, B);
+                }
+            }
+        })?;
+        self.data_entries = data;
+        if !tracking {
+            return Ok(());
         }
         // Lost metadata: whatever happened there, report it as changed.
         let epochs: Vec<u32> = self
@@ -225,11 +255,12 @@ impl VolState {
             }
         }
         self.cbt = t;
+        Ok(())
     }
 
     /// The first block of `[first, first+n)` whose content the view `limit`
     /// cannot know because its metadata was lost.
-    fn first_damaged(&self, first: u64, n: u64, limit: u32) -> Option<u64> {
+    fn first_damaged(&self, first: u64, n: u64, limit: u32) -> Result<Option<u64>> {
         for &(lo, hi, upto) in &self.damaged {
             let a = lo.max(first);
             let z = hi.min(first + n - 1);
@@ -237,21 +268,17 @@ impl VolState {
                 continue;
             }
             for b in a..=z {
-                let seen = self
-                    .map
-                    .range((b, 0)..=(b, limit))
-                    .next_back()
-                    .map(|(&(_, t), _)| t);
+                let seen = self.map.latest(b, limit)?.map(|(t, _)| t);
                 if seen.is_none_or(|t| t <= upto) {
-                    return Some(b);
+                    return Ok(Some(b));
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     /// Entries that become invisible when the snapshot at `epoch` goes.
-    fn gc_for_delete(&self, epoch: u32) -> Vec<(u64, u32)> {
+    fn gc_for_delete(&self, epoch: u32) -> Result<Vec<(u64, u32)>> {
         let lo = self
             .snaps
             .range(..epoch)
@@ -260,31 +287,39 @@ impl VolState {
             .unwrap_or(0);
         let next = self.snaps.range(epoch + 1..).next().map(|(e, _)| *e);
         let mut drops = Vec::new();
-        let mut it = self.map.keys().peekable();
-        while let Some(&(b, t)) = it.next() {
-            if t < lo || t > epoch {
-                continue;
-            }
-            // A newer entry exists: drop this one if it is in the window but
-            // not the window's last, or if the next view sees the newer one.
-            if let Some(&&(b2, t2)) = it.peek() {
-                if b2 == b && (t2 <= epoch || next.is_none_or(|n| t2 <= n)) {
-                    drops.push((b, t));
+        // Each entry is judged when the one after it (across pages) is seen.
+        let mut prev: Option<Key> = None;
+        self.map.for_each_page(|entries| {
+            for &(b2, t2, _) in entries {
+                if let Some((b, t)) = prev {
+                    // A newer entry exists: drop this one if it is in the
+                    // window but not the window's last, or if the next view
+                    // sees the newer one.
+                    if t >= lo
+                        && t <= epoch
+                        && b2 == b
+                        && (t2 <= epoch || next.is_none_or(|n| t2 <= n))
+                    {
+                        drops.push((b, t));
+                    }
                 }
+                prev = Some((b2, t2));
             }
-        }
-        drops
+        })?;
+        Ok(drops)
     }
 
     /// Per block of [first, first+n), the location the view `limit` sees.
-    fn locate(&self, first: u64, n: usize, limit: u32) -> Vec<Loc> {
+    fn locate(&self, first: u64, n: usize, limit: u32) -> Result<Vec<Loc>> {
         let mut locs = vec![Loc::Hole; n];
-        for (&(b, t), &l) in self.map.range((first, 0)..(first + n as u64, 0)) {
-            if t <= limit {
-                locs[(b - first) as usize] = l;
-            }
-        }
-        locs
+        self.map
+            .scan((first, 0), (first + n as u64, 0), |(b, t), l| {
+                if t <= limit {
+                    locs[(b - first) as usize] = l;
+                }
+                true
+            })?;
+        Ok(locs)
     }
 }
 
@@ -294,11 +329,11 @@ pub(crate) struct VolCell {
     pub st: RwLock<VolState>,
 }
 
-#[derive(Default)]
 struct Vols {
     by_name: HashMap<String, Arc<VolCell>>,
     by_id: HashMap<u32, Arc<VolCell>>,
     next_id: u32,
+    pages: Arc<PageStore>,
 }
 
 /// The journal is grown with written zeros this much at a time, so that
@@ -374,10 +409,13 @@ pub(crate) struct Inner {
     /// Slot → sequence number of the record that last wrote it, for slots
     /// written since the last capture (bounded; pruned at capture).
     fresh: Mutex<HashMap<u64, u64>>,
+    /// The map pages' file and cache.
+    pages: Arc<PageStore>,
 }
 
-/// At most this many slots are remembered as fresh (in-place candidates).
-const FRESH_MAX: usize = 1 << 20;
+/// At most this many slots are remembered as fresh (in-place candidates):
+/// 256 MiB of data written between two flushes, about 2 MiB of memory.
+const FRESH_MAX: usize = 1 << 16;
 
 /// A pool of thin volumes in one directory (or any [`Medium`]).
 pub struct Pool {
@@ -438,9 +476,19 @@ impl Pool {
         let data = medium
             .open(DATA_FILE, true)
             .map_err(|e| Error::io("cannot open the data file", e))?;
+        let meta = medium
+            .open(META_FILE, true)
+            .map_err(|e| Error::io("cannot open the metadata page file", e))?;
+        let pages = Arc::new(PageStore::new(
+            meta,
+            opts.map_cache_bytes as usize,
+            opts.map_page_entries,
+        ));
         let mut vols = Vols {
+            by_name: HashMap::new(),
+            by_id: HashMap::new(),
             next_id: 1,
-            ..Default::default()
+            pages: pages.clone(),
         };
         let mut journal_id = 1;
         let mut seq = 0;
@@ -450,17 +498,9 @@ impl Pool {
             seq = s;
         }
         let last_jid = replay_journals(&*medium, &*data, journal_id, &mut vols, &mut seq)?;
-        for cell in vols.by_id.values() {
-            cell.st.write().rebuild_cbt();
-        }
-
         let mut used = Vec::new();
         for cell in vols.by_id.values() {
-            for l in cell.st.read().map.values() {
-                if let Loc::Data { slot, .. } = l {
-                    used.push(*slot);
-                }
-            }
+            cell.st.write().open_scan(&mut used)?;
         }
         used.sort_unstable();
         used.dedup();
@@ -505,6 +545,7 @@ impl Pool {
             inplace: RwLock::new(()),
             captured: AtomicU64::new(seq),
             fresh: Mutex::new(HashMap::new()),
+            pages,
         });
         {
             let mut fs = inner.flush.lock();
@@ -625,18 +666,26 @@ impl Pool {
         vols.by_name.remove(name);
         vols.by_id.remove(&cell.id);
         st.deleted = true;
-        let map = std::mem::take(&mut st.map);
+        let mut slots = Vec::new();
+        let cleared = st.map.clear(|l| {
+            if let Loc::Data { slot, .. } = l {
+                slots.push(slot);
+            }
+        });
         st.snaps.clear();
         st.data_entries = 0;
         drop(st);
         drop(vols);
         {
             let mut a = self.inner.alloc.lock();
-            for l in map.values() {
-                if let Loc::Data { slot, .. } = l {
-                    a.defer(seq, *slot, false);
-                }
+            for slot in slots {
+                a.defer(seq, slot, false);
             }
+        }
+        // A map page that cannot be read leaks its data slots until the
+        // next open (which frees whatever no map references).
+        if let Err(e) = cleared {
+            tracing::error!(volume = name, error = %e, "deleted volume's map is damaged");
         }
         self.inner.flush_upto(seq)
     }
@@ -722,7 +771,10 @@ impl Pool {
             let epoch = st
                 .snap_by_name(name)
                 .ok_or_else(|| not_found_snap(volume, name))?;
-            let drops = st.gc_for_delete(epoch);
+            let drops = st.gc_for_delete(epoch)?;
+            for &(b, t) in &drops {
+                st.map.prepare((b, t), (b, t))?;
+            }
             let mut j = self.inner.journal.lock();
             j.append(&Record::SnapshotDelete {
                 vol: cell.id,
@@ -737,7 +789,7 @@ impl Pool {
             let into = st.cbt_epoch(epoch);
             st.cbt.merge(epoch, into);
             let mut freed = Vec::new();
-            st.apply_drops(&drops, &mut freed);
+            st.apply_drops(&drops, &mut freed)?;
             drop(st);
             let mut a = self.inner.alloc.lock();
             for s in freed {
@@ -832,20 +884,10 @@ impl Pool {
                 });
             }
             let _g = self.inner.reuse.read();
-            let entries: Vec<_> = st.map.iter().map(|(k, v)| (*k, *v)).collect();
-            for (i, &((b, t), l)) in entries.iter().enumerate() {
-                let Loc::Data { slot, crc } = l else {
-                    continue;
-                };
-                report.blocks_checked += 1;
-                let ok = match self.inner.data.read_at(&mut buf, slot * B) {
-                    Ok(()) => format::block_crc(&buf) == crc,
-                    Err(_) => false,
-                };
-                if ok {
-                    continue;
-                }
-                let newest = entries.get(i + 1).is_none_or(|((b2, _), _)| *b2 != b);
+            // An entry is reported once the next one (across pages) tells
+            // whether it is the block's newest.
+            let mut bad: Option<(u64, u32, u64)> = None;
+            let report_bad = |report: &mut VerifyReport, (b, t, slot): (u64, u32, u64), newest| {
                 let snapshot = st.snaps.range(t..).next().map(|(_, s)| s.name.clone());
                 report.damaged.push(Damage {
                     volume: cell.name.clone(),
@@ -860,6 +902,35 @@ impl Pool {
                         }
                     ),
                 });
+            };
+            let scanned = st.map.for_each_page(|entries| {
+                for &(b, t, l) in entries {
+                    if let Some(prev) = bad.take() {
+                        report_bad(&mut report, prev, prev.0 != b);
+                    }
+                    let Loc::Data { slot, crc } = l else {
+                        continue;
+                    };
+                    report.blocks_checked += 1;
+                    let ok = match self.inner.data.read_at(&mut buf, slot * B) {
+                        Ok(()) => format::block_crc(&buf) == crc,
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        bad = Some((b, t, slot));
+                    }
+                }
+            });
+            if let Some(prev) = bad.take() {
+                report_bad(&mut report, prev, true);
+            }
+            if let Err(e) = scanned {
+                report.damaged.push(Damage {
+                    volume: cell.name.clone(),
+                    snapshot: None,
+                    offset: 0,
+                    what: format!("the map could not be read whole: {e}"),
+                });
             }
         }
         Ok(report)
@@ -869,11 +940,26 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         let a = self.inner.alloc.lock();
         let j = self.inner.journal.lock();
+        let journal_bytes = j.pos;
+        let (data_slots_high, free_slots, pending_slots) =
+            (a.high, a.free_slots(), a.pending_slots() as u64);
+        drop(j);
+        drop(a);
+        let cells: Vec<_> = self.inner.vols.read().by_id.values().cloned().collect();
+        let map_pages = cells.iter().map(|c| c.st.read().map.pages() as u64).sum();
+        let p = &self.inner.pages;
+        let (meta_slots_used, meta_slots_high) = p.slots();
         PoolStats {
-            data_slots_high: a.high,
-            free_slots: a.free_slots(),
-            pending_slots: a.pending_slots() as u64,
-            journal_bytes: j.pos,
+            data_slots_high,
+            free_slots,
+            pending_slots,
+            journal_bytes,
+            map_pages,
+            map_dirty_pages: p.dirty_pages() as u64,
+            map_cached_bytes: p.cached_bytes() as u64,
+            map_page_loads: p.loads.load(Ordering::Relaxed),
+            meta_slots_used,
+            meta_slots_high,
         }
     }
 }
@@ -889,6 +975,18 @@ pub struct PoolStats {
     pub pending_slots: u64,
     /// Bytes in the current journal.
     pub journal_bytes: u64,
+    /// Map pages of all volumes.
+    pub map_pages: u64,
+    /// Map pages changed since the last checkpoint (held in memory).
+    pub map_dirty_pages: u64,
+    /// Memory of the clean map pages in the cache.
+    pub map_cached_bytes: u64,
+    /// Map pages read from the meta file (cache misses) since open.
+    pub map_page_loads: u64,
+    /// Page slots of the meta file in use (or waiting for a checkpoint),
+    /// and its extent in slots.
+    pub meta_slots_used: u64,
+    pub meta_slots_high: u64,
 }
 
 fn info_of(c: &VolCell) -> VolumeInfo {
@@ -935,7 +1033,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 created_ms: *created_ms,
                 epoch: 0,
                 snaps: BTreeMap::new(),
-                map: BTreeMap::new(),
+                map: PagedMap::new(vols.pages.clone(), *id),
                 data_entries: 0,
                 deleted: false,
                 damaged: Vec::new(),
@@ -949,20 +1047,6 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
         vols.by_id.insert(*id, cell);
         vols.next_id = vols.next_id.max(id + 1);
     }
-}
-
-/// Appends an entries frame with its chunk header (which needs the frame's
-/// encoded length).
-fn push_chunk(recs: &mut Vec<Record>, vol: u32, entries: Vec<(u64, u32, Loc)>) {
-    let first = entries.first().map(|e| e.0).unwrap_or(0);
-    let last = entries.last().map(|e| e.0).unwrap_or(0);
-    recs.push(Record::CheckpointChunk {
-        vol,
-        first,
-        last,
-        len: format::entries_frame_len(entries.len()) as u32,
-    });
-    recs.push(Record::CheckpointEntries { vol, entries });
 }
 
 /// Frames read from a file: (seq, record) in file order, and the byte offset
@@ -1043,49 +1127,9 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
             medium.describe()
         ))
     };
-    // Frames in order; an entries frame that fails its checksum is skipped
-    // (its chunk header says how long it is and what it described) and its
-    // blocks are recorded as lost. Any other damage is fatal.
-    let mut frames: Vec<(u64, Record)> = Vec::new();
-    let mut lost: Vec<(u32, u64, u64)> = Vec::new();
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        match decode_frame(&bytes[pos..]) {
-            Decoded::Frame { seq, record, used } => {
-                let chunk = match &record {
-                    Record::CheckpointChunk {
-                        vol,
-                        first,
-                        last,
-                        len,
-                    } => Some((*vol, *first, *last, *len as usize)),
-                    _ => None,
-                };
-                frames.push((seq, record));
-                pos += used;
-                if let Some((vol, first, last, len)) = chunk {
-                    match decode_frame(&bytes[pos..]) {
-                        Decoded::Frame {
-                            seq,
-                            record: record @ Record::CheckpointEntries { .. },
-                            used,
-                        } if used == len => {
-                            frames.push((seq, record));
-                            pos += used;
-                        }
-                        _ if pos + len <= bytes.len() => {
-                            lost.push((vol, first, last));
-                            // Keeps the frame count of the end record right.
-                            frames.push((seq, Record::Sync { upto: 0 }));
-                            pos += len;
-                        }
-                        _ => return Err(damaged(format!("invalid frame at byte {pos}"))),
-                    }
-                }
-            }
-            _ if bytes[pos..].iter().all(|&b| b == 0) => break,
-            _ => return Err(damaged(format!("invalid frame at byte {pos}"))),
-        }
+    let (frames, bad) = parse_frames(&bytes);
+    if let Some(pos) = bad {
+        return Err(damaged(format!("invalid frame at byte {pos}")));
     }
     let Some((
         _,
@@ -1093,6 +1137,7 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
             journal_id,
             next_vol_id,
             seq,
+            next_page,
         },
     )) = frames.first().cloned()
     else {
@@ -1109,6 +1154,7 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
         _ => return Err(damaged("truncated (no matching end record)".into())),
     }
     vols.next_id = next_vol_id;
+    let mut used_pages = Vec::new();
     for (_, rec) in &frames[1..frames.len() - 1] {
         match rec {
             Record::CheckpointVolume {
@@ -1151,17 +1197,15 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
                     },
                 );
             }
-            Record::CheckpointEntries { vol, entries } => {
+            Record::CheckpointPages { vol, pages } => {
                 let cell = vols
                     .by_id
                     .get(vol)
-                    .ok_or_else(|| damaged(format!("entries of unknown volume {vol}")))?;
+                    .ok_or_else(|| damaged(format!("map pages of unknown volume {vol}")))?;
                 let mut st = cell.st.write();
-                for &(b, t, l) in entries {
-                    if let Loc::Data { .. } = l {
-                        st.data_entries += 1;
-                    }
-                    st.map.insert((b, t), l);
+                for &(b, t, r) in pages {
+                    used_pages.push(r.slot);
+                    st.map.add_ref((b, t), r);
                 }
             }
             Record::CheckpointDamage {
@@ -1174,24 +1218,27 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
                     cell.st.write().damaged.push((*first, *last, *upto));
                 }
             }
-            Record::CheckpointChunk { .. } | Record::Sync { .. } => {}
             other => return Err(damaged(format!("unexpected record {other:?}"))),
         }
     }
-    for (vol, first, last) in lost {
-        let cell = vols
-            .by_id
-            .get(&vol)
-            .ok_or_else(|| damaged(format!("entries of unknown volume {vol}")))?;
+    vols.pages.init(&used_pages, next_page);
+    // A map page that fails its check loses only the blocks it described.
+    for cell in vols.by_id.values() {
         let mut st = cell.st.write();
+        let lost = st.map.check_pages()?;
+        if lost.is_empty() {
+            continue;
+        }
         let upto = st.epoch;
-        tracing::error!(
-            volume = %cell.name,
-            first_offset = first * B,
-            last_offset = last * B + B - 1,
-            "metadata checkpoint frame damaged: these blocks read as errors until rewritten"
-        );
-        st.damaged.push((first, last, upto));
+        for (first, last) in lost {
+            tracing::error!(
+                volume = %cell.name,
+                first_offset = first * B,
+                last_offset = last * B + B - 1,
+                "metadata page damaged: these blocks read as errors until rewritten"
+            );
+            st.damaged.push((first, last, upto));
+        }
         // Writes from now on are born in a later epoch, so they are known
         // good even in the damaged range.
         st.epoch = st.epoch.saturating_add(1);
@@ -1216,7 +1263,10 @@ fn replay_journals(
         .filter(|&id| id >= first)
         .collect();
     ids.sort_unstable();
-    let mut frames = Vec::new();
+    // Pass 1: which journals replay, and the newest Sync among them.
+    // Frames are streamed, never all held in memory.
+    let mut replay = Vec::new();
+    let mut synced = *seq;
     let mut expect = first;
     for id in &ids {
         if *id != expect {
@@ -1226,21 +1276,32 @@ fn replay_journals(
         let f = medium
             .open(&journal_name(*id), false)
             .map_err(|e| Error::io("cannot open a journal", e))?;
-        let bytes = read_all(&*f)?;
-        let (fr, bad) = parse_frames(&bytes);
-        match fr.first() {
-            Some((_, Record::JournalHeader { journal_id })) if journal_id == id => {}
+        let mut rd = FrameReader::new(&*f)?;
+        match rd.next()? {
+            Next::Frame(_, Record::JournalHeader { journal_id }) if journal_id == *id => {}
             // A journal whose header never became durable holds nothing durable.
             _ => break,
         }
-        let last_seq = fr.last().map(|(s, _)| *s).unwrap_or(0);
-        frames.extend(fr.into_iter().skip(1));
+        replay.push(*id);
+        let mut last_seq = 0;
+        let bad = loop {
+            match rd.next()? {
+                Next::Frame(s, rec) => {
+                    last_seq = s;
+                    if let Record::Sync { upto } = rec {
+                        synced = synced.max(upto);
+                    }
+                }
+                Next::End => break None,
+                Next::Bad(off) => break Some(off),
+            }
+        };
         if let Some(off) = bad {
             // A crash can tear only what was never promised durable: bad
             // bytes followed by a later journal (this one was synced whole
             // when it was switched) or by a Sync covering them are damage.
             let next = ids.contains(&(id + 1));
-            if next || durable_sync_after(&bytes, off as usize, last_seq) {
+            if next || durable_sync_after(&rd.rest(off)?, 0, last_seq) {
                 return Err(Error::corrupt(format!(
                     "metadata journal {} in {} is damaged at byte {off}: acknowledged writes after it cannot be recovered",
                     journal_name(*id),
@@ -1251,109 +1312,192 @@ fn replay_journals(
             break;
         }
     }
-    let synced = frames
-        .iter()
-        .filter_map(|(_, r)| match r {
-            Record::Sync { upto } => Some(*upto),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
-        .max(*seq);
+    // Pass 2: apply them.
     let mut buf = vec![0u8; BLOCK];
     let mut freed = Vec::new();
     let mut orphan_drops: HashMap<(u32, u64, u32, u64), u32> = HashMap::new();
-    for (s, rec) in frames {
-        if s <= *seq {
-            continue;
-        }
-        *seq = s;
-        match rec {
-            Record::VolumeCreate { .. } => apply_vol_record(vols, &rec),
-            Record::VolumeResize { id, size } => {
-                if let Some(c) = vols.by_id.get(&id) {
-                    c.st.write().size = size;
-                }
+    for id in replay {
+        let f = medium
+            .open(&journal_name(id), false)
+            .map_err(|e| Error::io("cannot open a journal", e))?;
+        let mut rd = FrameReader::new(&*f)?;
+        rd.next()?;
+        while let Next::Frame(s, rec) = rd.next()? {
+            if s <= *seq {
+                continue;
             }
-            Record::VolumeDelete { id } => {
-                if let Some(c) = vols.by_id.remove(&id) {
-                    vols.by_name.remove(&c.name);
-                }
-            }
-            Record::SnapshotCreate {
-                vol,
-                epoch,
-                size,
-                created_ms,
-                name,
-            } => {
-                if let Some(c) = vols.by_id.get(&vol) {
-                    let mut st = c.st.write();
-                    st.snaps.insert(
-                        epoch,
-                        Snap {
-                            name,
-                            size,
-                            created_ms,
-                        },
-                    );
-                    st.epoch = epoch + 1;
-                }
-            }
-            Record::SnapshotDelete { vol, epoch } => {
-                if let Some(c) = vols.by_id.get(&vol) {
-                    let mut st = c.st.write();
-                    st.snaps.remove(&epoch);
-                    let into = st.cbt_epoch(epoch);
-                    st.cbt.merge(epoch, into);
-                }
-            }
-            Record::Update {
-                vol,
-                birth,
-                mut items,
-            } => {
-                let Some(c) = vols.by_id.get(&vol) else {
-                    continue;
-                };
-                if s > synced {
-                    // Not covered by a flush: keep only items whose data made
-                    // it to the medium.
-                    items.retain(|it| match it.set {
-                        Some(Loc::Data { slot, crc }) => {
-                            let ok = data.read_at(&mut buf, slot * B).is_ok()
-                                && format::block_crc(&buf) == crc;
-                            if !ok {
-                                if let Some(t) = it.drop {
-                                    orphan_drops.insert((vol, it.block, birth, slot), t);
-                                }
-                            }
-                            ok
-                        }
-                        _ => true,
-                    });
-                }
-                // A slot overwritten in place: the earlier record's data is
-                // gone (checked above), but its drop happened before the
-                // later record that is being applied now.
-                if !orphan_drops.is_empty() {
-                    for it in items.iter_mut() {
-                        if let (None, Some(Loc::Data { slot, .. })) = (it.drop, it.set) {
-                            it.drop = orphan_drops.remove(&(vol, it.block, birth, slot));
-                        }
+            *seq = s;
+            match rec {
+                Record::VolumeCreate { .. } => apply_vol_record(vols, &rec),
+                Record::VolumeResize { id, size } => {
+                    if let Some(c) = vols.by_id.get(&id) {
+                        c.st.write().size = size;
                     }
                 }
-                c.st.write().apply_update(birth, &items, &mut freed);
-            }
-            Record::Drops { vol, items } => {
-                if let Some(c) = vols.by_id.get(&vol) {
-                    c.st.write().apply_drops(&items, &mut freed);
+                Record::VolumeDelete { id } => {
+                    if let Some(c) = vols.by_id.remove(&id) {
+                        vols.by_name.remove(&c.name);
+                    }
                 }
+                Record::SnapshotCreate {
+                    vol,
+                    epoch,
+                    size,
+                    created_ms,
+                    name,
+                } => {
+                    if let Some(c) = vols.by_id.get(&vol) {
+                        let mut st = c.st.write();
+                        st.snaps.insert(
+                            epoch,
+                            Snap {
+                                name,
+                                size,
+                                created_ms,
+                            },
+                        );
+                        st.epoch = epoch + 1;
+                    }
+                }
+                Record::SnapshotDelete { vol, epoch } => {
+                    if let Some(c) = vols.by_id.get(&vol) {
+                        let mut st = c.st.write();
+                        st.snaps.remove(&epoch);
+                        let into = st.cbt_epoch(epoch);
+                        st.cbt.merge(epoch, into);
+                    }
+                }
+                Record::Update {
+                    vol,
+                    birth,
+                    mut items,
+                } => {
+                    let Some(c) = vols.by_id.get(&vol) else {
+                        continue;
+                    };
+                    if s > synced {
+                        // Not covered by a flush: keep only items whose data made
+                        // it to the medium.
+                        items.retain(|it| match it.set {
+                            Some(Loc::Data { slot, crc }) => {
+                                let ok = data.read_at(&mut buf, slot * B).is_ok()
+                                    && format::block_crc(&buf) == crc;
+                                if !ok {
+                                    if let Some(t) = it.drop {
+                                        orphan_drops.insert((vol, it.block, birth, slot), t);
+                                    }
+                                }
+                                ok
+                            }
+                            _ => true,
+                        });
+                    }
+                    // A slot overwritten in place: the earlier record's data is
+                    // gone (checked above), but its drop happened before the
+                    // later record that is being applied now.
+                    if !orphan_drops.is_empty() {
+                        for it in items.iter_mut() {
+                            if let (None, Some(Loc::Data { slot, .. })) = (it.drop, it.set) {
+                                it.drop = orphan_drops.remove(&(vol, it.block, birth, slot));
+                            }
+                        }
+                    }
+                    c.st.write().apply_update(birth, &items, &mut freed)?;
+                }
+                Record::Drops { vol, items } => {
+                    if let Some(c) = vols.by_id.get(&vol) {
+                        c.st.write().apply_drops(&items, &mut freed)?;
+                    }
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
     Ok(expect)
+}
+
+/// What [`FrameReader::next`] found.
+enum Next {
+    Frame(u64, Record),
+    /// The end of the frames (end of file, or only zeros left).
+    End,
+    /// Bytes at this offset are neither a frame nor zeros.
+    Bad(u64),
+}
+
+/// Reads the frames of a metadata file a piece at a time.
+struct FrameReader<'a> {
+    file: &'a dyn MediumFile,
+    len: u64,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: u64,
+    /// Bytes of `buf` consumed.
+    pos: usize,
+}
+
+const READ_PIECE: usize = 1 << 20;
+
+impl<'a> FrameReader<'a> {
+    fn new(file: &'a dyn MediumFile) -> Result<Self> {
+        let len = file
+            .len()
+            .map_err(|e| Error::io("cannot stat a metadata file", e))?;
+        Ok(FrameReader {
+            file,
+            len,
+            buf: Vec::new(),
+            start: 0,
+            pos: 0,
+        })
+    }
+
+    /// Reads up to `n` bytes from `off`.
+    fn read(&self, off: u64, n: usize) -> Result<Vec<u8>> {
+        let n = n.min(self.len.saturating_sub(off) as usize);
+        let mut v = vec![0u8; n];
+        self.file
+            .read_at(&mut v, off)
+            .map_err(|e| Error::io("cannot read a metadata file", e))?;
+        Ok(v)
+    }
+
+    fn next(&mut self) -> Result<Next> {
+        loop {
+            match decode_frame(&self.buf[self.pos..]) {
+                Decoded::Frame { seq, record, used } => {
+                    self.pos += used;
+                    return Ok(Next::Frame(seq, record));
+                }
+                Decoded::Short if self.start + (self.buf.len() as u64) < self.len => {
+                    self.buf.drain(..self.pos);
+                    self.start += self.pos as u64;
+                    self.pos = 0;
+                    let more = self.read(self.start + self.buf.len() as u64, READ_PIECE)?;
+                    self.buf.extend_from_slice(&more);
+                }
+                _ => {
+                    let off = self.start + self.pos as u64;
+                    // Zeros after the last frame are a clean end
+                    // (preallocation).
+                    let mut at = off;
+                    while at < self.len {
+                        let piece = self.read(at, READ_PIECE)?;
+                        if piece.iter().any(|&b| b != 0) {
+                            return Ok(Next::Bad(off));
+                        }
+                        at += piece.len() as u64;
+                    }
+                    return Ok(Next::End);
+                }
+            }
+        }
+    }
+
+    /// The file's bytes from `off` to its end.
+    fn rest(&self, off: u64) -> Result<Vec<u8>> {
+        self.read(off, (self.len - off) as usize)
+    }
 }
 
 /// Freed space waiting for a flush beyond this wakes the background flusher:
@@ -1394,8 +1538,10 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
                     return;
                 };
                 let piled = inner.alloc.lock().pending_slots() >= PENDING_FLUSH_SLOTS;
-                if piled || last.elapsed() >= FLUSH_INTERVAL {
-                    if let Err(e) = inner.flush_all() {
+                let pages = inner.pages.dirty_over();
+                if piled || pages || last.elapsed() >= FLUSH_INTERVAL {
+                    let target = inner.journal.lock().seq;
+                    if let Err(e) = inner.flush_inner(target, pages) {
                         tracing::warn!(error = %e, "background flush failed");
                     }
                     last = std::time::Instant::now();
@@ -1415,9 +1561,21 @@ impl Inner {
     /// Wakes the background flusher when freed space piles up.
     fn note_pending(&self, pending: usize) {
         if pending >= PENDING_FLUSH_SLOTS {
-            *self.flusher.wake.lock() = true;
-            self.flusher.cv.notify_one();
+            self.ring();
         }
+    }
+
+    /// Wakes the background flusher when changed map pages fill their
+    /// half of the cache memory: a checkpoint writes them out.
+    fn note_dirty_pages(&self) {
+        if self.pages.dirty_over() {
+            self.ring();
+        }
+    }
+
+    fn ring(&self) {
+        *self.flusher.wake.lock() = true;
+        self.flusher.cv.notify_one();
     }
 
     fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
@@ -1436,8 +1594,17 @@ impl Inner {
 
     /// Makes every record up to `target` and the data it points to durable.
     fn flush_upto(&self, target: u64) -> Result<()> {
+        self.flush_inner(target, false)
+    }
+
+    /// Flushes up to `target`; with `pages_due`, writes a checkpoint when
+    /// changed map pages take too much memory even if nothing is to flush.
+    fn flush_inner(&self, target: u64, pages_due: bool) -> Result<()> {
         let mut fs = self.flush.lock();
         if fs.durable_upto >= target {
+            if pages_due && self.pages.dirty_over() {
+                return self.checkpoint(&mut fs);
+            }
             return Ok(());
         }
         // Capture before syncing data: every record ≤ upto had its data
@@ -1457,7 +1624,7 @@ impl Inner {
         file.sync_data()
             .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
         fs.durable_upto = upto;
-        let big = self.journal.lock().pos > self.opts.journal_limit;
+        let big = self.journal.lock().pos > self.opts.journal_limit || self.pages.dirty_over();
         if big {
             self.checkpoint(&mut fs)?;
         }
@@ -1505,10 +1672,16 @@ impl Inner {
         let cells: Vec<_> = self.vols.read().by_id.values().cloned().collect();
         let mut used = Vec::new();
         for c in cells {
-            for l in c.st.read().map.values() {
-                if let Loc::Data { slot, .. } = l {
-                    used.push(*slot);
+            let scanned = c.st.read().map.for_each_page(|entries| {
+                for e in entries {
+                    if let Loc::Data { slot, .. } = e.2 {
+                        used.push(slot);
+                    }
                 }
+            });
+            if scanned.is_err() {
+                // Punch nothing rather than something still referenced.
+                return;
             }
         }
         used.sort_unstable();
@@ -1538,18 +1711,27 @@ impl Inner {
         let vols = self.vols.write();
         let mut cells: Vec<Arc<VolCell>> = vols.by_id.values().cloned().collect();
         cells.sort_by_key(|c| c.id);
-        let guards: Vec<_> = cells.iter().map(|c| c.st.write()).collect();
+        let mut guards: Vec<_> = cells.iter().map(|c| c.st.write()).collect();
         let mut j = self.journal.lock();
         let seq = j.seq;
         self.captured.fetch_max(seq, Ordering::AcqRel);
         self.fresh.lock().clear();
         let new_id = j.id + 1;
+        // Changed map pages go to free slots of the meta file; the root
+        // written below points at them.
+        let gen = self.pages.begin_checkpoint();
+        let mut dirs = Vec::with_capacity(cells.len());
+        let mut page_buf = Vec::new();
+        for st in guards.iter_mut() {
+            dirs.push(st.map.write_dirty(&mut page_buf)?);
+        }
         let mut recs = vec![Record::CheckpointBegin {
             journal_id: new_id,
             next_vol_id: vols.next_id,
             seq,
+            next_page: self.pages.next_id(),
         }];
-        for (c, st) in cells.iter().zip(&guards) {
+        for ((c, st), dir) in cells.iter().zip(&guards).zip(dirs) {
             recs.push(Record::CheckpointVolume {
                 id: c.id,
                 size: st.size,
@@ -1578,15 +1760,11 @@ impl Inner {
                     upto,
                 });
             }
-            let mut chunk = Vec::with_capacity(CKPT_CHUNK);
-            for (&(b, t), &l) in &st.map {
-                chunk.push((b, t, l));
-                if chunk.len() == CKPT_CHUNK {
-                    push_chunk(&mut recs, c.id, std::mem::take(&mut chunk));
-                }
-            }
-            if !chunk.is_empty() {
-                push_chunk(&mut recs, c.id, chunk);
+            for part in dir.chunks(CKPT_CHUNK) {
+                recs.push(Record::CheckpointPages {
+                    vol: c.id,
+                    pages: part.iter().map(|&((b, t), r)| (b, t, r)).collect(),
+                });
             }
         }
         let n = recs.len() as u64 + 1;
@@ -1630,11 +1808,13 @@ impl Inner {
         drop(vols);
         drop(inplace);
 
-        // Entries in the checkpoint may point at data not yet synced.
+        // Entries in the checkpoint may point at data not yet synced, and
+        // the root at pages not yet synced.
         self.data_dirty.store(false, Ordering::Release);
         self.data
             .sync_data()
             .map_err(|e| Error::io("cannot sync the data file", e))?;
+        self.pages.sync()?;
         let tmp = self
             .medium
             .open(CHECKPOINT_TMP, true)
@@ -1656,6 +1836,8 @@ impl Inner {
             }
         }
         fs.durable_upto = fs.durable_upto.max(seq);
+        // Page slots the new root no longer references can be reused.
+        self.pages.release(gen);
         Ok(())
     }
 }
@@ -1765,11 +1947,13 @@ impl Volume {
         let first = offset / B;
         let n = ((end - 1) / B - first + 1) as usize;
         let mut births: Vec<Option<u32>> = vec![None; n];
-        for (&(b, t), _) in st.map.range((first, 0)..(first + n as u64, 0)) {
-            if t <= limit {
-                births[(b - first) as usize] = Some(t);
-            }
-        }
+        st.map
+            .scan((first, 0), (first + n as u64, 0), |(b, t), _| {
+                if t <= limit {
+                    births[(b - first) as usize] = Some(t);
+                }
+                true
+            })?;
         let mut out: Vec<(u64, u64, Version)> = Vec::new();
         for (i, birth) in births.into_iter().enumerate() {
             let v = match birth {
@@ -1859,7 +2043,7 @@ impl Volume {
         self.check_range(offset, buf.len() as u64, size)?;
         let last = (offset + buf.len() as u64 - 1) / B;
         if !st.damaged.is_empty() {
-            if let Some(b) = st.first_damaged(first, last - first + 1, limit) {
+            if let Some(b) = st.first_damaged(first, last - first + 1, limit)? {
                 return Err(Error::corrupt(format!(
                     "{}: block at offset {} is damaged (its metadata was lost with a damaged checkpoint frame)",
                     self.label(),
@@ -1867,7 +2051,7 @@ impl Volume {
                 )));
             }
         }
-        let locs = st.locate(first, (last - first + 1) as usize, limit);
+        let locs = st.locate(first, (last - first + 1) as usize, limit)?;
         let _reading = self.inner.reuse.read();
         drop(st);
         let mut tmp: Vec<u8> = Vec::new();
@@ -2072,14 +2256,9 @@ impl Volume {
             let fresh = self.inner.fresh.lock();
             let mut targets = Vec::with_capacity(n);
             for i in 0..n as u64 {
-                match st.map.get(&(first + i, cur)) {
-                    Some(&Loc::Data { slot, crc })
-                        if st
-                            .map
-                            .range((first + i, cur + 1)..=(first + i, u32::MAX))
-                            .next()
-                            .is_none()
-                            && fresh.get(&slot).is_some_and(|&s| s > captured) =>
+                match st.map.latest(first + i, u32::MAX)? {
+                    Some((t, Loc::Data { slot, crc }))
+                        if t == cur && fresh.get(&slot).is_some_and(|&s| s > captured) =>
                     {
                         targets.push((slot, crc))
                     }
@@ -2103,13 +2282,17 @@ impl Volume {
         // A redirect-on-write of the same block may have won meanwhile: then
         // the slot is freed (not reusable before a flush, which cannot
         // capture while we hold `inplace`), and we write again elsewhere.
-        let unchanged = st.epoch == cur
-            && targets.iter().enumerate().all(|(i, &(slot, crc))| {
-                st.map.get(&(first + i as u64, cur)) == Some(&Loc::Data { slot, crc })
-            });
+        let mut unchanged = st.epoch == cur;
+        for (i, &(slot, crc)) in targets.iter().enumerate() {
+            if !unchanged {
+                break;
+            }
+            unchanged = st.map.get((first + i as u64, cur))? == Some(Loc::Data { slot, crc });
+        }
         if !unchanged {
             return Ok(None);
         }
+        st.map.prepare((first, cur), (first + n as u64 - 1, cur))?;
         let items: Vec<UpdateItem> = locs
             .iter()
             .enumerate()
@@ -2130,7 +2313,7 @@ impl Volume {
             unreachable!()
         };
         let mut freed = Vec::new();
-        st.apply_update(cur, &items, &mut freed);
+        st.apply_update(cur, &items, &mut freed)?;
         debug_assert!(freed.is_empty());
         drop(st);
         let mut fresh = self.inner.fresh.lock();
@@ -2194,11 +2377,18 @@ impl Volume {
             self.give_back(&locs);
             return Err(e);
         }
-        let items: Vec<UpdateItem> = locs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &l)| st.plan(first + i as u64, l))
-            .collect();
+        let mut items: Vec<UpdateItem> = Vec::with_capacity(n);
+        for (i, &l) in locs.iter().enumerate() {
+            match st.plan(first + i as u64, l) {
+                Ok(Some(it)) => items.push(it),
+                Ok(None) => {}
+                Err(e) => {
+                    drop(st);
+                    self.give_back(&locs);
+                    return Err(e);
+                }
+            }
+        }
         // Every block the request touched counts as changed, even where the
         // map did not change (zeros over a hole).
         let epoch = st.epoch;
@@ -2223,8 +2413,10 @@ impl Volume {
             unreachable!()
         };
         let mut freed = Vec::new();
-        st.apply_update(birth, &items, &mut freed);
+        let applied = st.apply_update(birth, &items, &mut freed);
         drop(st);
+        applied?;
+        self.inner.note_dirty_pages();
         {
             let mut fresh = self.inner.fresh.lock();
             if fresh.len() < FRESH_MAX {
@@ -2330,14 +2522,19 @@ impl Volume {
             let batch_end = end.min(b + 65536);
             let epoch = st.epoch;
             st.cbt.mark(epoch, b * B, (batch_end - b) * B);
-            let mut blocks: Vec<u64> = st
-                .map
-                .range((b, 0)..(batch_end, 0))
-                .map(|(&(blk, _), _)| blk)
-                .collect();
-            blocks.dedup();
-            let items: Vec<UpdateItem> =
-                blocks.iter().filter_map(|&blk| st.plan(blk, loc)).collect();
+            let mut blocks: Vec<u64> = Vec::new();
+            st.map.scan((b, 0), (batch_end, 0), |(blk, _), _| {
+                if blocks.last() != Some(&blk) {
+                    blocks.push(blk);
+                }
+                true
+            })?;
+            let mut items: Vec<UpdateItem> = Vec::with_capacity(blocks.len());
+            for &blk in &blocks {
+                if let Some(it) = st.plan(blk, loc)? {
+                    items.push(it);
+                }
+            }
             if !items.is_empty() {
                 let rec = Record::Update {
                     vol: self.cell.id,
@@ -2349,8 +2546,10 @@ impl Volume {
                     unreachable!()
                 };
                 let mut freed = Vec::new();
-                st.apply_update(birth, &items, &mut freed);
+                let applied = st.apply_update(birth, &items, &mut freed);
                 drop(st);
+                applied?;
+                self.inner.note_dirty_pages();
                 let mut a = self.inner.alloc.lock();
                 for sl in freed {
                     a.defer(s, sl, false);
@@ -2425,9 +2624,9 @@ impl Volume {
             push(out, blk * B, (blk + 1) * B, kind);
             *cursor = blk + 1;
         };
-        for (&(b, t), &l) in st.map.range((first, 0)..(last + 1, 0)) {
+        st.map.scan((first, 0), (last + 1, 0), |(b, t), l| {
             if t > limit {
-                continue;
+                return true;
             }
             match cur_block {
                 Some((cb, _)) if cb == b => cur_block = Some((b, l)),
@@ -2437,7 +2636,8 @@ impl Volume {
                 }
                 None => cur_block = Some((b, l)),
             }
-        }
+            true
+        })?;
         if let Some((cb, cl)) = cur_block {
             emit(&mut out, &mut cursor, cb, cl);
         }

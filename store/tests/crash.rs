@@ -26,6 +26,10 @@ fn one_run(seed: u64) {
             1 << 20
         },
         reuse_reserve_bytes: if seed.is_multiple_of(3) { 0 } else { 64 << 20 },
+        // Tiny pages and no page cache in some runs: page splits, reloads
+        // and page write-back at every checkpoint.
+        map_page_entries: if seed % 4 == 1 { 4 } else { 640 },
+        map_cache_bytes: if seed % 5 == 1 { 0 } else { 64 << 20 },
     };
     let pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
     pool.create_volume("v", SIZE).unwrap();

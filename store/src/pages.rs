@@ -1,0 +1,736 @@
+//! The paged redirect-on-write map.
+//!
+//! A volume's map — `(block, birth) → location`, sorted — is cut into
+//! *pages* of at most `page_max` entries (640 by default). The *directory*,
+//! one small entry per page keyed by the page's lowest key, always stays in
+//! memory (about 60 bytes per page, so about 0.1 byte per mapped block); the
+//! pages themselves live in fixed 16 KiB slots of the `meta` file and are
+//! read on demand through a byte-bounded LRU cache shared by every volume of
+//! the pool ([`crate::PoolOptions::map_cache_bytes`]).
+//!
+//! ```text
+//!  directory (per volume, in memory)        meta file (16 KiB slots)
+//!  lo key ──► Clean{slot, id, first, last} ──► frame: CheckpointEntries (seq = page id)
+//!         └─► Dirty(page in memory)           ▲
+//!                                             │ written by a checkpoint
+//!  cache: page id ──► Arc<Page> (LRU, clean pages only)
+//! ```
+//!
+//! A page changes only in memory: the first change of a clean page loads it
+//! (cache or disk), turns its directory entry `Dirty` and *retires* its slot.
+//! Dirty pages stay in memory until the next checkpoint writes them to free
+//! slots, with fresh page ids, and the new root (the `checkpoint` file)
+//! points at them. The journal holds every change since the last root, so a
+//! dirty page is never the only copy of anything durable. A retired slot is
+//! still referenced by the durable root until the next root replaces it:
+//! it becomes free only when a checkpoint that began after its retirement has
+//! completed (generation counter), so the durable root never points at a
+//! rewritten slot. Page ids never repeat (the next id is kept in the root),
+//! so a cached page can never be mistaken for a later occupant of its slot.
+//!
+//! Locking: the directory is part of `VolState`, so it is guarded by the
+//! volume lock: readers (shared) may load pages into the cache, writers
+//! (exclusive) change pages. A reader finishes reading a slot under the
+//! volume lock, and a slot is retired only under the exclusive lock, so no
+//! read races a reuse. The cache shards and the slot allocator have mutexes
+//! of their own, taken innermost and briefly.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{self, decode_frame, Decoded, PageRef, Record};
+use crate::medium::MediumFile;
+use crate::Loc;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A map key: block number and birth epoch.
+pub(crate) type Key = (u64, u32);
+/// A map entry.
+pub(crate) type Entry = (u64, u32, Loc);
+
+/// Bytes of a page slot in the meta file. A page of `PAGE_MAX` entries
+/// encodes to 16 025 bytes.
+pub(crate) const PAGE_BYTES: u64 = 16384;
+/// Most entries in a page; a fuller page is split in two.
+pub(crate) const PAGE_MAX: usize = 640;
+/// Memory a page's entries take, for the cache bound.
+const ENTRY_MEM: usize = std::mem::size_of::<Entry>();
+const PAGE_OVERHEAD: usize = 96;
+const CACHE_SHARDS: usize = 16;
+/// Memory of a dirty page: it keeps room for `page_max + 1` entries, so
+/// inserts never reallocate it.
+fn dirty_page_mem(page_max: usize) -> usize {
+    PAGE_OVERHEAD + (page_max + 1) * ENTRY_MEM
+}
+
+/// Largest key; no real block is that high.
+#[cfg(test)]
+pub(crate) const KEY_MAX: Key = (u64::MAX, u32::MAX);
+
+/// A page's entries, sorted by key.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Page {
+    pub entries: Vec<Entry>,
+}
+
+impl Page {
+    fn mem(&self) -> usize {
+        PAGE_OVERHEAD + self.entries.capacity() * ENTRY_MEM
+    }
+
+    fn find(&self, k: Key) -> std::result::Result<usize, usize> {
+        self.entries.binary_search_by(|e| (e.0, e.1).cmp(&k))
+    }
+}
+
+enum Slot {
+    Clean(PageRef),
+    Dirty(Page),
+}
+
+/// Slot bookkeeping of the meta file.
+#[derive(Default)]
+struct Space {
+    /// Slots past the last one ever used are free too.
+    high: u64,
+    free: BTreeSet<u64>,
+    /// (generation, slot): retired slots still referenced by the durable
+    /// root.
+    retired: Vec<(u64, u64)>,
+    /// Incremented by every checkpoint when it captures the map.
+    gen: u64,
+}
+
+/// The meta file, the page cache and the counters shared by every volume's
+/// map.
+pub(crate) struct PageStore {
+    file: Arc<dyn MediumFile>,
+    shards: Vec<Mutex<Shard>>,
+    shard_cap: usize,
+    next_id: AtomicU64,
+    space: Mutex<Space>,
+    /// Dirty pages of all volumes (they cannot be evicted).
+    dirty_pages: AtomicUsize,
+    page_max: usize,
+    /// Dirty pages beyond this many call for a checkpoint.
+    dirty_limit: usize,
+    /// Cache misses that read a page from the meta file.
+    pub loads: AtomicU64,
+}
+
+struct Shard {
+    lru: lru::LruCache<u64, Arc<Page>>,
+    bytes: usize,
+}
+
+impl PageStore {
+    /// A store on `file`; [`PageStore::init`] tells it what the root uses.
+    pub fn new(file: Arc<dyn MediumFile>, cache_bytes: usize, page_max: usize) -> PageStore {
+        PageStore {
+            file,
+            shards: (0..CACHE_SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        lru: lru::LruCache::unbounded(),
+                        bytes: 0,
+                    })
+                })
+                .collect(),
+            // Half the memory for clean pages, half for dirty ones.
+            shard_cap: cache_bytes / 2 / CACHE_SHARDS,
+            dirty_limit: (cache_bytes / 2 / dirty_page_mem(page_max.clamp(4, PAGE_MAX))).max(16),
+            next_id: AtomicU64::new(1),
+            space: Mutex::new(Space::default()),
+            dirty_pages: AtomicUsize::new(0),
+            page_max: page_max.clamp(4, PAGE_MAX),
+            loads: AtomicU64::new(0),
+        }
+    }
+
+    /// The durable root references `used` slots and gives the next page id.
+    pub fn init(&self, used: &[u64], next_id: u64) {
+        let high = used.iter().map(|s| s + 1).max().unwrap_or(0);
+        let used: BTreeSet<u64> = used.iter().copied().collect();
+        let mut s = self.space.lock();
+        s.high = high;
+        s.free = (0..high).filter(|s| !used.contains(s)).collect();
+        self.next_id.store(next_id.max(1), Ordering::Release);
+    }
+
+    /// The id the next written page gets (kept in the root).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Acquire)
+    }
+
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty_pages.load(Ordering::Acquire)
+    }
+
+    /// Whether dirty pages take more than their half of the cache memory:
+    /// time for a checkpoint.
+    pub fn dirty_over(&self) -> bool {
+        self.dirty_pages() > self.dirty_limit
+    }
+
+    /// Slots in use or retired, and the meta file's extent in slots.
+    pub fn slots(&self) -> (u64, u64) {
+        let s = self.space.lock();
+        (s.high - s.free.len() as u64, s.high)
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<Shard> {
+        &self.shards[(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as usize % CACHE_SHARDS]
+    }
+
+    fn cached(&self, id: u64) -> Option<Arc<Page>> {
+        self.shard(id).lock().lru.get(&id).cloned()
+    }
+
+    fn cache_put(&self, id: u64, page: Arc<Page>) {
+        let mut sh = self.shard(id).lock();
+        sh.bytes += page.mem();
+        if let Some(old) = sh.lru.put(id, page) {
+            sh.bytes -= old.mem();
+        }
+        while sh.bytes > self.shard_cap && sh.lru.len() > 1 {
+            match sh.lru.pop_lru() {
+                Some((_, p)) => sh.bytes -= p.mem(),
+                None => break,
+            }
+        }
+    }
+
+    fn cache_drop(&self, id: u64) -> Option<Arc<Page>> {
+        let mut sh = self.shard(id).lock();
+        let p = sh.lru.pop(&id)?;
+        sh.bytes -= p.mem();
+        Some(p)
+    }
+
+    /// Bytes of pages in the cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().bytes).sum()
+    }
+
+    /// Reads a page: from the cache, else from its slot (checked).
+    fn load(&self, vol: u32, r: &PageRef) -> Result<Arc<Page>> {
+        if let Some(p) = self.cached(r.id) {
+            return Ok(p);
+        }
+        let mut buf = vec![0u8; PAGE_BYTES as usize];
+        self.file
+            .read_at(&mut buf, r.slot * PAGE_BYTES)
+            .map_err(|e| Error::io("cannot read a metadata page", e))?;
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let page = match decode_frame(&buf) {
+            Decoded::Frame {
+                seq,
+                record: Record::CheckpointEntries { vol: v, entries },
+                ..
+            } if seq == r.id && v == vol => Page { entries },
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "metadata page {} (slot {}) of volume id {vol} is damaged: the map of blocks {}..={} is lost",
+                    r.id, r.slot, r.first, r.last
+                )))
+            }
+        };
+        let page = Arc::new(page);
+        self.cache_put(r.id, page.clone());
+        Ok(page)
+    }
+
+    /// A slot stops being referenced by the map; it is freed once a
+    /// checkpoint that began after now has made a root without it durable.
+    fn retire(&self, r: &PageRef) {
+        self.cache_drop(r.id);
+        let mut s = self.space.lock();
+        let g = s.gen;
+        s.retired.push((g, r.slot));
+    }
+
+    fn alloc_slot(&self) -> u64 {
+        let mut s = self.space.lock();
+        if let Some(slot) = s.free.pop_first() {
+            return slot;
+        }
+        s.high += 1;
+        s.high - 1
+    }
+
+    /// Called by a checkpoint, under every volume lock, before it writes
+    /// pages: slots retired from now on stay referenced by the root it is
+    /// making durable. Returns the generation to pass to
+    /// [`PageStore::release`] once that root is durable.
+    pub fn begin_checkpoint(&self) -> u64 {
+        let mut s = self.space.lock();
+        s.gen += 1;
+        s.gen - 1
+    }
+
+    /// The root of checkpoint `gen` is durable: slots retired before it
+    /// began are free; free slots at the end of the file are cut off.
+    pub fn release(&self, gen: u64) {
+        let mut s = self.space.lock();
+        let mut keep = Vec::new();
+        for (g, slot) in std::mem::take(&mut s.retired) {
+            if g <= gen {
+                s.free.insert(slot);
+            } else {
+                keep.push((g, slot));
+            }
+        }
+        s.retired = keep;
+        let old_high = s.high;
+        while s.high > 0 && s.free.contains(&(s.high - 1)) {
+            let h = s.high - 1;
+            s.free.remove(&h);
+            s.high = h;
+        }
+        if s.high < old_high {
+            if let Err(e) = self.file.set_len(s.high * PAGE_BYTES) {
+                tracing::warn!(error = %e, "cannot shorten the metadata page file");
+            }
+        }
+    }
+
+    /// Makes written pages durable (before a root points at them).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("cannot sync the metadata page file", e))
+    }
+}
+
+/// One volume's map: the directory of its pages.
+pub(crate) struct PagedMap {
+    store: Arc<PageStore>,
+    vol: u32,
+    dir: BTreeMap<Key, Slot>,
+}
+
+/// A page borrowed from the directory or shared with the cache.
+enum PageView<'a> {
+    Mem(&'a Page),
+    Shared(Arc<Page>),
+}
+
+impl std::ops::Deref for PageView<'_> {
+    type Target = Page;
+    fn deref(&self) -> &Page {
+        match self {
+            PageView::Mem(p) => p,
+            PageView::Shared(p) => p,
+        }
+    }
+}
+
+impl Drop for PagedMap {
+    fn drop(&mut self) {
+        let dirty = self
+            .dir
+            .values()
+            .filter(|s| matches!(s, Slot::Dirty(_)))
+            .count();
+        self.store.dirty_pages.fetch_sub(dirty, Ordering::AcqRel);
+    }
+}
+
+impl PagedMap {
+    pub fn new(store: Arc<PageStore>, vol: u32) -> PagedMap {
+        PagedMap {
+            store,
+            vol,
+            dir: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a written page from the root.
+    pub fn add_ref(&mut self, lo: Key, r: PageRef) {
+        if let Some(Slot::Dirty(_)) = self.dir.insert(lo, Slot::Clean(r)) {
+            self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.dir.len()
+    }
+
+    fn view<'a>(&self, s: &'a Slot) -> Result<PageView<'a>> {
+        match s {
+            Slot::Dirty(p) => Ok(PageView::Mem(p)),
+            Slot::Clean(r) => Ok(PageView::Shared(self.store.load(self.vol, r)?)),
+        }
+    }
+
+    /// The lowest key of the page that holds `k` (the first page starts at
+    /// the lowest key).
+    fn page_of(&self, k: Key) -> Option<Key> {
+        self.dir
+            .range(..=k)
+            .next_back()
+            .or_else(|| self.dir.iter().next())
+            .map(|(lo, _)| *lo)
+    }
+
+    /// Calls `f` on each entry with `from <= key < to`, in order, until it
+    /// returns false.
+    pub fn scan(&self, from: Key, to: Key, mut f: impl FnMut(Key, Loc) -> bool) -> Result<()> {
+        let Some(start) = self.page_of(from) else {
+            return Ok(());
+        };
+        for (lo, slot) in self.dir.range(start..) {
+            if *lo >= to {
+                break;
+            }
+            let p = self.view(slot)?;
+            let i = p.find(from).unwrap_or_else(|i| i);
+            for &(b, t, l) in &p.entries[i..] {
+                if (b, t) >= to || !f((b, t), l) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, k: Key) -> Result<Option<Loc>> {
+        let mut out = None;
+        self.scan(k, (k.0 + 1, 0), |kk, l| {
+            if kk == k {
+                out = Some(l);
+            }
+            false
+        })?;
+        Ok(out)
+    }
+
+    /// The newest entry of `block` born at or before `limit`.
+    pub fn latest(&self, block: u64, limit: u32) -> Result<Option<(u32, Loc)>> {
+        let mut out = None;
+        self.scan((block, 0), (block + 1, 0), |(_, t), l| {
+            if t <= limit {
+                out = Some((t, l));
+                true
+            } else {
+                false
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Entries with `from <= key < to`, collected.
+    #[cfg(test)]
+    pub fn range(&self, from: Key, to: Key) -> Result<Vec<Entry>> {
+        let mut v = Vec::new();
+        self.scan(from, to, |(b, t), l| {
+            v.push((b, t, l));
+            true
+        })?;
+        Ok(v)
+    }
+
+    /// Calls `f` on every page's entries, in key order. A page that cannot
+    /// be read is skipped; the first such error is returned at the end.
+    pub fn for_each_page(&self, mut f: impl FnMut(&[Entry])) -> Result<()> {
+        let mut first_err = None;
+        for slot in self.dir.values() {
+            match self.view(slot) {
+                Ok(p) => f(&p.entries),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Loads every written page; a page that fails its check is replaced by
+    /// an empty dirty one and its block range returned. I/O errors are
+    /// returned as errors.
+    pub fn check_pages(&mut self) -> Result<Vec<(u64, u64)>> {
+        let mut lost = Vec::new();
+        let los: Vec<Key> = self.dir.keys().copied().collect();
+        for lo in los {
+            let Some(Slot::Clean(r)) = self.dir.get(&lo) else {
+                continue;
+            };
+            let r = *r;
+            match self.store.load(self.vol, &r) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Corruption => {
+                    tracing::error!(error = %e, "metadata page damaged");
+                    lost.push((r.first, r.last));
+                    self.store.retire(&r);
+                    self.dir.insert(lo, Slot::Dirty(Page::default()));
+                    self.store.dirty_pages.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Loads the pages that hold keys `from..=to` and makes them dirty, so
+    /// that changes there cannot fail.
+    pub fn prepare(&mut self, from: Key, to: Key) -> Result<()> {
+        let Some(start) = self.page_of(from) else {
+            return Ok(());
+        };
+        let los: Vec<Key> = self
+            .dir
+            .range(start..=to)
+            .filter(|(_, s)| matches!(s, Slot::Clean(_)))
+            .map(|(lo, _)| *lo)
+            .collect();
+        for lo in los {
+            self.dirty(lo)?;
+        }
+        Ok(())
+    }
+
+    /// The page at `lo`, made dirty.
+    fn dirty(&mut self, lo: Key) -> Result<&mut Page> {
+        if let Some(Slot::Clean(r)) = self.dir.get(&lo) {
+            let r = *r;
+            let page = self.store.load(self.vol, &r)?;
+            self.store.retire(&r);
+            let mut page = Arc::try_unwrap(page).unwrap_or_else(|p| (*p).clone());
+            self.roomy(&mut page);
+            self.dir.insert(lo, Slot::Dirty(page));
+            self.store.dirty_pages.fetch_add(1, Ordering::AcqRel);
+        }
+        match self.dir.get_mut(&lo) {
+            Some(Slot::Dirty(p)) => Ok(p),
+            _ => unreachable!("page {lo:?} is dirty"),
+        }
+    }
+
+    fn roomy(&self, p: &mut Page) {
+        let want = self.store.page_max + 1;
+        p.entries
+            .reserve_exact(want.saturating_sub(p.entries.len()));
+    }
+
+    /// Sets the entry `k`; returns the one it replaced.
+    pub fn insert(&mut self, k: Key, l: Loc) -> Result<Option<Loc>> {
+        let lo = match self.page_of(k) {
+            Some(lo) => lo,
+            None => {
+                let mut p = Page::default();
+                self.roomy(&mut p);
+                self.dir.insert((0, 0), Slot::Dirty(p));
+                self.store.dirty_pages.fetch_add(1, Ordering::AcqRel);
+                (0, 0)
+            }
+        };
+        let max = self.store.page_max;
+        let p = self.dirty(lo)?;
+        let old = match p.find(k) {
+            Ok(i) => Some(std::mem::replace(&mut p.entries[i].2, l)),
+            Err(i) => {
+                p.entries.insert(i, (k.0, k.1, l));
+                None
+            }
+        };
+        if p.entries.len() > max {
+            let upper = p.entries.split_off(p.entries.len() / 2);
+            let split = (upper[0].0, upper[0].1);
+            let mut up = Page { entries: upper };
+            self.roomy(&mut up);
+            self.dir.insert(split, Slot::Dirty(up));
+            self.store.dirty_pages.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(old)
+    }
+
+    /// Removes the entry `k`; returns it.
+    pub fn remove(&mut self, k: Key) -> Result<Option<Loc>> {
+        let Some(lo) = self.page_of(k) else {
+            return Ok(None);
+        };
+        // Not there: leave the page clean.
+        if self.get(k)?.is_none() {
+            return Ok(None);
+        }
+        let p = self.dirty(lo)?;
+        let Ok(i) = p.find(k) else {
+            return Ok(None);
+        };
+        let (_, _, old) = p.entries.remove(i);
+        if p.entries.is_empty() {
+            self.drop_empty(lo);
+        }
+        Ok(Some(old))
+    }
+
+    /// Removes the empty dirty page at `lo` from the directory; the first
+    /// page's successor takes over its place at the lowest key.
+    fn drop_empty(&mut self, lo: Key) {
+        self.dir.remove(&lo);
+        self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
+        if lo == (0, 0) {
+            if let Some((&next, _)) = self.dir.iter().next() {
+                let s = self.dir.remove(&next).expect("present");
+                self.dir.insert((0, 0), s);
+            }
+        }
+    }
+
+    /// Empties the map (the volume is deleted): every page is retired.
+    /// Calls `f` on every entry first.
+    pub fn clear(&mut self, mut f: impl FnMut(Loc)) -> Result<()> {
+        let scanned = self.for_each_page(|es| es.iter().for_each(|e| f(e.2)));
+        for (_, s) in std::mem::take(&mut self.dir) {
+            match s {
+                Slot::Clean(r) => self.store.retire(&r),
+                Slot::Dirty(_) => {
+                    self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        scanned
+    }
+
+    /// Writes every dirty page to a free slot (called by a checkpoint under
+    /// the volume lock, after [`PageStore::begin_checkpoint`]); they become
+    /// clean and cached. Returns the directory as the root records it.
+    pub fn write_dirty(&mut self, buf: &mut Vec<u8>) -> Result<Vec<(Key, PageRef)>> {
+        let mut out = Vec::with_capacity(self.dir.len());
+        for (lo, slot) in self.dir.iter_mut() {
+            if let Slot::Dirty(p) = slot {
+                let id = self.store.next_id.fetch_add(1, Ordering::AcqRel);
+                let s = self.store.alloc_slot();
+                buf.clear();
+                format::encode_entries_frame(self.vol, &p.entries, id, buf);
+                debug_assert!(buf.len() as u64 <= PAGE_BYTES);
+                buf.resize(PAGE_BYTES as usize, 0);
+                if let Err(e) = self.store.file.write_at(buf, s * PAGE_BYTES) {
+                    // Not referenced by anything: free again at once.
+                    self.store.space.lock().free.insert(s);
+                    return Err(Error::io("cannot write a metadata page", e));
+                }
+                let mut page = std::mem::take(p);
+                page.entries.shrink_to_fit();
+                let r = PageRef {
+                    slot: s,
+                    id,
+                    first: page.entries.first().map(|e| e.0).unwrap_or(0),
+                    last: page.entries.last().map(|e| e.0).unwrap_or(0),
+                };
+                self.store.cache_put(id, Arc::new(page));
+                *slot = Slot::Clean(r);
+                self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
+            }
+            let Slot::Clean(r) = slot else { unreachable!() };
+            out.push((*lo, *r));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::medium::{Medium, MemMedium};
+    use proptest::prelude::*;
+
+    fn store(cache: usize, max: usize) -> Arc<PageStore> {
+        let m = MemMedium::new();
+        let f = m.open("meta", true).unwrap();
+        Arc::new(PageStore::new(f, cache, max))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u64, u32, u64),
+        Remove(u64, u32),
+        Checkpoint,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u64..300, 0u32..4, 0u64..1000).prop_map(|(b, t, s)| Op::Insert(b, t, s)),
+            3 => (0u64..300, 0u32..4).prop_map(|(b, t)| Op::Remove(b, t)),
+            1 => Just(Op::Checkpoint),
+        ]
+    }
+
+    proptest! {
+        /// Small pages and a tiny cache: splits, empty pages, evictions and
+        /// write-backs, against a BTreeMap.
+        #[test]
+        fn paged_map_matches_a_btreemap(ops in proptest::collection::vec(op(), 1..400)) {
+            let st = store(PAGE_BYTES as usize * 2, 4);
+            let mut m = PagedMap::new(st.clone(), 1);
+            let mut model: BTreeMap<Key, Loc> = BTreeMap::new();
+            let mut buf = Vec::new();
+            for o in ops {
+                match o {
+                    Op::Insert(b, t, s) => {
+                        let l = Loc::Data { slot: s, crc: s as u32 };
+                        prop_assert_eq!(m.insert((b, t), l).unwrap(), model.insert((b, t), l));
+                    }
+                    Op::Remove(b, t) => {
+                        prop_assert_eq!(m.remove((b, t)).unwrap(), model.remove(&(b, t)));
+                    }
+                    Op::Checkpoint => {
+                        let g = st.begin_checkpoint();
+                        m.write_dirty(&mut buf).unwrap();
+                        st.release(g);
+                        prop_assert_eq!(st.dirty_pages(), 0);
+                    }
+                }
+                let all = m.range((0, 0), KEY_MAX).unwrap();
+                let want: Vec<Entry> = model.iter().map(|(k, l)| (k.0, k.1, *l)).collect();
+                prop_assert_eq!(all, want);
+            }
+            for b in 0..300u64 {
+                let want = model.range((b, 0)..=(b, 2)).next_back().map(|(k, l)| (k.1, *l));
+                prop_assert_eq!(m.latest(b, 2).unwrap(), want);
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_page_fits_its_slot() {
+        assert!(format::entries_frame_len(PAGE_MAX) as u64 <= PAGE_BYTES);
+    }
+
+    #[test]
+    fn a_damaged_page_is_reported_and_replaced() {
+        let m = MemMedium::new();
+        let f = m.open("meta", true).unwrap();
+        let st = Arc::new(PageStore::new(f, 1 << 20, 4));
+        let mut map = PagedMap::new(st.clone(), 7);
+        for b in 0..20u64 {
+            map.insert((b, 0), Loc::Zero).unwrap();
+        }
+        let mut buf = Vec::new();
+        let refs = map.write_dirty(&mut buf).unwrap();
+        assert!(refs.len() >= 4);
+        drop(map);
+        m.corrupt("meta", refs[1].1.slot * PAGE_BYTES + 40);
+        // A fresh store: nothing cached.
+        let st2 = Arc::new(PageStore::new(m.open("meta", false).unwrap(), 1 << 20, 4));
+        st2.init(
+            &refs.iter().map(|r| r.1.slot).collect::<Vec<_>>(),
+            st.next_id(),
+        );
+        let mut map = PagedMap::new(st2, 7);
+        for (lo, r) in &refs {
+            map.add_ref(*lo, *r);
+        }
+        let e = map.range((0, 0), KEY_MAX).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption);
+        let lost = map.check_pages().unwrap();
+        assert_eq!(lost, vec![(refs[1].1.first, refs[1].1.last)]);
+        let left = map.range((0, 0), KEY_MAX).unwrap();
+        assert_eq!(
+            left.len(),
+            20 - (refs[1].1.last - refs[1].1.first + 1) as usize
+        );
+    }
+}
