@@ -37,8 +37,9 @@
 use bitvec::prelude::*;
 use std::collections::BTreeMap;
 
-/// Bits per bitmap chunk: 32768 bits, 4 KiB, covering 2 GiB at 64 KiB.
-const CHUNK_BITS: u64 = 1 << 15;
+/// Bits per bitmap chunk: 4096 bits, 512 bytes, covering 256 MiB at 64 KiB
+/// (small, so scattered writes over a huge volume cost little memory).
+const CHUNK_BITS: u64 = 1 << 12;
 
 /// A sparse bitmap: only chunks with set bits take memory.
 #[derive(Clone, Default, Debug, PartialEq, Eq)]

@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Accept replication from peers here.
     #[arg(long, value_name = "ADDR")]
     pub peer_listen: Option<String>,
+    /// Memory for volume map pages (half for pages read from disk, half
+    /// for changed pages waiting to be written).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub map_cache: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +255,7 @@ fn serve(args: ServeArgs, admin: &str, json_logs: bool) -> Result<ExitCode> {
         socket: args.socket,
         admin: admin.to_owned(),
         peer_listen: args.peer_listen,
+        map_cache: args.map_cache,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub admin: String,
     /// Where peers would connect for replication (not built yet).
     pub peer_listen: Option<String>,
+    /// Memory for the store's map pages (see `store::PoolOptions`).
+    pub map_cache: u64,
 }
 
 /// The NBD exports of a pool: every volume's head `vol` (read-write) and
@@ -116,7 +118,11 @@ impl Gateway {
         };
 
         let dir = cfg.data.clone();
-        let opened = tokio::task::spawn_blocking(move || Pool::open(&dir, PoolOptions::default()))
+        let opts = PoolOptions {
+            map_cache_bytes: cfg.map_cache,
+            ..PoolOptions::default()
+        };
+        let opened = tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
             .await
             .map_err(Error::from)
             .and_then(|opened| {
@@ -402,6 +408,7 @@ mod tests {
             socket: None,
             admin: "127.0.0.1:0".into(),
             peer_listen: Some("127.0.0.1:0".into()),
+            map_cache: 64 << 20,
         })
         .await
         .err()
@@ -421,6 +428,7 @@ mod tests {
             socket: Some(dir.path().join("nbd.sock")),
             admin: "127.0.0.1:0".into(),
             peer_listen: None,
+            map_cache: 64 << 20,
         };
         let gw = Gateway::start(cfg.clone()).await.unwrap();
 

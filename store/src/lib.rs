@@ -2,8 +2,12 @@
 //!
 //! A pool is one directory holding every volume of a gateway. Volume data
 //! lives in 4 KiB *slots* of one data file; which slot holds which block of
-//! which volume state is the *map*, kept in memory and made durable by an
-//! append-only *journal* that is folded into a *checkpoint* now and then.
+//! which volume state is the *map*. The map is paged: sorted pages of up to
+//! 640 entries live in 16 KiB slots of a `meta` file and are read through a
+//! bounded LRU cache; only a small directory of pages stays in memory (see
+//! `pages.rs`). Every change goes to an append-only *journal* first; a
+//! *checkpoint* now and then writes the changed pages and a new *root* (the
+//! `checkpoint` file) pointing at them, and starts a new journal.
 //!
 //! ## Data flow
 //! ```text
@@ -50,7 +54,8 @@
 //! | `pool.lock` | empty; `flock(LOCK_EX)` keeps a second process out |
 //! | `data` | slot `n` at byte `n × 4096`; holes where slots are free |
 //! | `journal.<id>` | frames, the first a `JournalHeader{id}` |
-//! | `checkpoint` | frames: `CheckpointBegin{journal id, next volume id, seq}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointDamage`… + (`CheckpointChunk{vol, first, last block, frame length}` + `CheckpointEntries`)… (4096 entries a frame), `CheckpointEnd{journal id, frame count}` |
+//! | `meta` | map page `n` at byte `n × 16384`: one `CheckpointEntries{vol, entries}` frame whose sequence number is the page's unique id, zero padded |
+//! | `checkpoint` (the root) | frames: `CheckpointBegin{journal id, next volume id, seq, next page id}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointDamage`… + `CheckpointPages{vol, [(lowest key, slot, id, first block, last block)]}`… (4096 pages a frame), `CheckpointEnd{journal id, frame count}` |
 //!
 //! A frame:
 //!
@@ -61,17 +66,19 @@
 //! | 8..16 | sequence number (increases across journals) |
 //! | 16..16+n | payload: type byte, then the fields of [`format::Record`] |
 //!
+//! A map entry in a page is `block u64 | birth u32 | location` (25 bytes).
 //! A location is `kind u8 (0 hole, 1 zero, 2 data) | slot u64 | crc32 u32`;
 //! an update item is `block u64 | flags u8 (1 set, 2 drop) | location | drop
 //! birth u32` (26 bytes, so a 4 KiB write costs about 55 bytes of journal).
 //! Every data block's CRC-32 lives in its map entry and is checked on every
 //! read and by [`Pool::verify`]; every metadata frame carries its own CRC.
-//! A damaged entries frame of the checkpoint costs only the blocks its chunk
-//! header names: they read as errors (and show as data in block status, so
-//! copy tools do not skip them) until rewritten, and `verify` lists them; the
-//! volume's epoch is bumped so later writes are known good. Damage anywhere
-//! else in the checkpoint, or in a journal frame that a completed flush
-//! covered, stops the pool from opening with an error naming the file.
+//! A map page that fails its check (every page is read once at open) costs
+//! only the blocks the root says it described: they read as errors (and
+//! show as data in block status, so copy tools do not skip them) until
+//! rewritten, and `verify` lists them; the volume's epoch is bumped so later
+//! writes are known good. Damage in the root, or in a journal frame that a
+//! completed flush covered, stops the pool from opening with an error naming
+//! the file.
 //!
 //! ## Durability and recovery
 //! * A completed write has its data `pwrite`n and its journal record
@@ -85,8 +92,9 @@
 //!   (before that, a crash could bring the old reference back), and only after
 //!   taking `reuse` exclusively, so no reader still holding the old location
 //!   sees it rewritten.
-//! * Opening replays the checkpoint, then the journals that follow it, up to
-//!   the first torn frame. Records after the newest `Sync` were never promised
+//! * Opening reads the root, checks every page it points at, then replays
+//!   (streaming, in two passes: first to find the newest `Sync`) the
+//!   journals that follow it, up to the first torn frame. Records after the newest `Sync` were never promised
 //!   durable: an update among them is kept only if its data block is on the
 //!   medium with the right CRC, so a power loss that kept a record but not its
 //!   data loses that (unacknowledged) write instead of corrupting the block.
@@ -107,11 +115,18 @@
 //! * A background thread flushes every 5 s, and as soon as 128 MiB of freed
 //!   slots wait for a flush: a client that never flushes would otherwise
 //!   grow the data file without bound.
-//! * A checkpoint is written to `checkpoint.tmp`, synced, renamed over
-//!   `checkpoint`, and the directory synced; the next journal is created and
-//!   synced (with the directory) *before* the switch, and the old journal is
-//!   synced at the switch. Until the rename, the old checkpoint plus both
-//!   journals replay to the same state.
+//! * A checkpoint writes every changed page to a *free* page slot (never
+//!   one the durable root points at), then the new root to
+//!   `checkpoint.tmp`; it syncs the data and meta files and the root, renames
+//!   it over `checkpoint`, and syncs the directory. The next journal is
+//!   created and synced (with the directory) *before* the switch, and the
+//!   old journal is synced at the switch. Until the rename, the old root
+//!   (whose pages are untouched) plus both journals replay to the same
+//!   state. A page slot the map stops using is reused only after a root
+//!   that no longer points at it is durable.
+//! * Checkpoints start when the journal passes `journal_limit` (64 MiB), or
+//!   when changed pages fill their half of `map_cache_bytes` (at the next
+//!   flush, or by the background flusher).
 //!
 //! ## Locks (taken in this order, never the reverse)
 //! | lock | guards | held by |
@@ -124,9 +139,23 @@
 //! | `journal` | journal file, position, sequence numbers | record appends (short) |
 //! | `alloc` | free ranges and pending frees | slot allocation (short) |
 //! | `reuse` | — (a barrier) | readers during slot I/O (shared); releasing freed slots (exclusive) |
+//! | page cache shard (16) | clean pages by id, LRU | page lookups and loads (short) |
+//! | page `space` | meta file slots: free, retired, generation | page writes at checkpoint, retiring pages (short) |
 //!
-//! The map is memory-resident: about 50 bytes per written 4 KiB block and
-//! kept snapshot version, independent of the virtual size.
+//! Map pages are reached through the volume lock: readers holding it shared
+//! may load a page into the cache; changing a page needs it exclusive.
+//!
+//! ## Memory
+//! Nothing grows with the virtual size. Per pool: the page cache and the
+//! changed pages (together `map_cache_bytes`, 64 MiB by default), the page
+//! directory (about 60 bytes per page, a page per 320–640 mapped block
+//! versions: ~0.1 byte per 4 KiB written), the change bitmaps (512-byte
+//! chunks per 256 MiB touched per epoch), free-space ranges, and at most
+//! 65 536 remembered fresh slots. Opening reads every page once (to check
+//! it and rebuild the change bitmaps) through the cache, and holds the list
+//! of used data slots (8 bytes per stored block) until the allocator is
+//! built. Deleting a snapshot makes every page with entries it drops dirty
+//! at once.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod alloc;

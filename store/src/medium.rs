@@ -266,6 +266,15 @@ impl MediumFile for MemFile {
     }
 }
 
+/// Locks the state of every file, in id order.
+fn lock_all(dir: &MemDir) -> HashMap<u64, parking_lot::MutexGuard<'_, MemFileState>> {
+    let mut ids: Vec<u64> = dir.files.keys().copied().collect();
+    ids.sort_unstable();
+    ids.into_iter()
+        .map(|id| (id, dir.files[&id].state.lock()))
+        .collect()
+}
+
 #[derive(Default)]
 struct MemDir {
     files: HashMap<u64, Arc<MemFile>>,
@@ -298,9 +307,13 @@ impl MemMedium {
             ..Default::default()
         };
         let faults = Arc::new(Mutex::new(Faults::default()));
-        for (name, id) in &dir.durable {
-            let f = &dir.files[id];
-            let s = f.state.lock();
+        // Every file at one instant, as a power loss would (a background
+        // thread may be syncing one file while another is copied).
+        let states = lock_all(&dir);
+        let mut names: Vec<_> = dir.durable.iter().collect();
+        names.sort();
+        for (name, id) in names {
+            let s = &states[id];
             let mut bytes = s.durable.clone();
             for (i, p) in s.pending.iter().enumerate() {
                 if keep(name, i) {
@@ -334,8 +347,9 @@ impl MemMedium {
             next_id: dir.next_id,
             ..Default::default()
         };
+        let states = lock_all(&dir);
         for (name, id) in &dir.current {
-            let bytes = dir.files[id].state.lock().current.clone();
+            let bytes = states[id].current.clone();
             let nf = MemFile {
                 state: Mutex::new(MemFileState {
                     current: bytes.clone(),

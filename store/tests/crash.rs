@@ -141,7 +141,15 @@ fn one_run(seed: u64) {
 
 #[test]
 fn power_loss_at_random_points_keeps_durable_state() {
-    for seed in 0..400 {
+    // SNAPGATE_CRASH_SEED=N reruns one seed.
+    let seeds = match std::env::var("SNAPGATE_CRASH_SEED") {
+        Ok(n) => {
+            let n: u64 = n.parse().expect("SNAPGATE_CRASH_SEED is a number");
+            n..n + 1
+        }
+        Err(_) => 0..400,
+    };
+    for seed in seeds {
         one_run(seed);
     }
 }
