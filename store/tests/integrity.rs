@@ -242,6 +242,21 @@ fn space_comes_back_after_snapshot_deletion() {
     write_all(4);
     pool.flush().unwrap();
     assert_eq!(pool.stats().data_slots_high, high);
+    // Everything in the directory (data, map pages, journal, root) stays
+    // within the bound too, also after a reopen rewrote the map.
+    drop((h, a));
+    drop(pool);
+    drop(Pool::open(dir.path(), PoolOptions::default()).unwrap());
+    let total: u64 = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| allocated(&e.unwrap().path()))
+        .sum();
+    let meta = allocated(&dir.path().join("meta"));
+    assert!(meta <= live / 50, "map pages: {meta} bytes");
+    assert!(
+        total <= live + live / 10 + (64 << 20),
+        "directory holds {total} bytes"
+    );
 }
 
 #[test]
