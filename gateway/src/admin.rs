@@ -477,7 +477,7 @@ async fn delete_mount(
 
 async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
     let pool = st.pool;
-    let mut volumes = blocking(move || Ok(pool.volumes())).await?;
+    let (mut volumes, stats) = blocking(move || Ok((pool.volumes(), pool.stats()))).await?;
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
 
     let mut out = String::new();
@@ -501,6 +501,42 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
         "Volumes in the pool.",
     );
     let _ = writeln!(out, "snapgate_volumes {}", volumes.len());
+    let pool_metrics: [(&str, &str, &str, u64); 5] = [
+        (
+            "snapgate_map_pages",
+            "gauge",
+            "Pages of the volumes' block maps.",
+            stats.map_pages,
+        ),
+        (
+            "snapgate_map_dirty_pages",
+            "gauge",
+            "Map pages changed since the last checkpoint (held in memory).",
+            stats.map_dirty_pages,
+        ),
+        (
+            "snapgate_map_cache_bytes",
+            "gauge",
+            "Memory of the clean map pages in the cache (see --map-cache).",
+            stats.map_cached_bytes,
+        ),
+        (
+            "snapgate_map_page_reads_total",
+            "counter",
+            "Map pages read from disk because the cache did not hold them.",
+            stats.map_page_loads,
+        ),
+        (
+            "snapgate_journal_bytes",
+            "gauge",
+            "Bytes in the current metadata journal.",
+            stats.journal_bytes,
+        ),
+    ];
+    for (name, kind, help, value) in pool_metrics {
+        metrics::header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
     let gauges: [VolumeGauge; 3] = [
         (
             "snapgate_volume_size_bytes",
@@ -841,6 +877,8 @@ mod tests {
             "snapgate_volume_snapshots{volume=\"vm1\"} 0",
             "snapgate_build_info{version=\"",
             "# TYPE snapgate_volume_allocated_bytes gauge",
+            "# TYPE snapgate_map_page_reads_total counter",
+            "snapgate_map_dirty_pages ",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
