@@ -43,7 +43,7 @@
 //! block, entries born after the previous live snapshot and superseded before
 //! the next live one, or the head) — first, middle or last snapshot alike.
 //! Trim and write-zeroes are map-only: `Hole` (deallocated) and `Zero`
-//! (allocated zeros, for NO_HOLE) entries take no data space; all-zero block
+//! (allocated zeros, for NO_HOLE, which provisions never-written blocks too) entries take no data space; all-zero block
 //! writes are stored as `Zero` too. Freed slots are punched out of the data
 //! file (`fallocate(PUNCH_HOLE)`) before reuse, so disk usage follows the
 //! live data.

@@ -2516,19 +2516,25 @@ impl Volume {
         while b < end {
             let mut st = self.cell.st.write();
             self.view_of(&st)?;
-            // Only blocks with entries change: a never-written block already
-            // reads as zeros and takes no space, so even NO_HOLE leaves it be.
-            // Batches bound the time the volume lock is held.
+            // Trim changes only blocks with entries (a never-written block
+            // is a hole already). NO_HOLE zeroing provisions every block as
+            // known zeros: a map entry each (about 50 bytes of metadata per
+            // 4 KiB), no data space. Batches bound the time the volume lock
+            // is held and the size of a record.
             let batch_end = end.min(b + 65536);
             let epoch = st.epoch;
             st.cbt.mark(epoch, b * B, (batch_end - b) * B);
             let mut blocks: Vec<u64> = Vec::new();
-            st.map.scan((b, 0), (batch_end, 0), |(blk, _), _| {
-                if blocks.last() != Some(&blk) {
-                    blocks.push(blk);
-                }
-                true
-            })?;
+            if loc == Loc::Zero {
+                blocks.extend(b..batch_end);
+            } else {
+                st.map.scan((b, 0), (batch_end, 0), |(blk, _), _| {
+                    if blocks.last() != Some(&blk) {
+                        blocks.push(blk);
+                    }
+                    true
+                })?;
+            }
             let mut items: Vec<UpdateItem> = Vec::with_capacity(blocks.len());
             for &blk in &blocks {
                 if let Some(it) = st.plan(blk, loc)? {

@@ -172,3 +172,40 @@ proptest! {
         run(ops);
     }
 }
+
+/// NO_HOLE zeroing provisions never-written blocks as known zeros (block
+/// status "zero", not "hole"); trimming makes them holes again. Both survive
+/// a reopen.
+#[test]
+fn no_hole_zeroes_provision_unwritten_blocks() {
+    let medium = MemMedium::new();
+    let pool = Pool::open_medium(Arc::new(medium.clone()), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 64 << 20).unwrap();
+    let h = pool.open_head("v").unwrap();
+    h.write_zeroes(1 << 20, 8 << 20, true, false).unwrap();
+    h.write_zeroes(20 << 20, 1 << 20, false, false).unwrap();
+    h.trim(5 << 20, 1 << 20, true).unwrap();
+    let want = |h: &store::Volume| {
+        let ex = h.extents(0, 64 << 20).unwrap();
+        let kinds: Vec<(u64, u64, ExtentKind)> =
+            ex.iter().map(|e| (e.offset, e.length, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, 1 << 20, ExtentKind::Hole),
+                (1 << 20, 4 << 20, ExtentKind::Zero),
+                (5 << 20, 1 << 20, ExtentKind::Hole),
+                (6 << 20, 3 << 20, ExtentKind::Zero),
+                (9 << 20, 55 << 20, ExtentKind::Hole),
+            ]
+        );
+        let mut buf = vec![1u8; 10 << 20];
+        h.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    };
+    want(&h);
+    drop(h);
+    drop(pool);
+    let pool = Pool::open_medium(Arc::new(medium.kill()), PoolOptions::default()).unwrap();
+    want(&pool.open_head("v").unwrap());
+}

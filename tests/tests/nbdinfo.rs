@@ -181,8 +181,26 @@ fn map_shows_data_and_holes() {
     }
 
     // Trim makes a hole again; write-zeroes reads as zero.
-    gw.qemu_io_ok("m", &["discard 0 1M", "write -z 4M 1M"]);
+    gw.qemu_io_ok(
+        "m",
+        &[
+            "discard 0 1M",
+            "write -z 4M 1M",
+            "write -z 6M 1M",
+            "write -z -u 10M 1M",
+        ],
+    );
     let map = nbdinfo_map(&gw, "m");
+    // qemu-io's `write -z` without -u sends NO_HOLE: never-written blocks
+    // become allocated zeros; with -u (may unmap) they stay holes.
+    for off in [6 << 20, (7 << 20) - 1] {
+        assert_eq!(
+            map_type_at(&map, off),
+            2,
+            "NO_HOLE zeroes at {off} should be zero, not hole: {map:?}"
+        );
+    }
+    assert_eq!(map_type_at(&map, 10 << 20), 3, "{map:?}");
     for off in [0, 512 << 10, (1 << 20) - 1] {
         assert_eq!(
             map_type_at(&map, off),
