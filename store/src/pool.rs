@@ -1128,6 +1128,19 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
         ))
     };
     let (frames, bad) = parse_frames(&bytes);
+    if bad == Some(0) && bytes.len() > format::FRAME_HEADER && bytes[format::FRAME_HEADER] == 10 {
+        // A begin record without the page id field: the unpaged format of
+        // early development versions.
+        if u32::from_le_bytes(bytes[0..4].try_into().unwrap()) == 21 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "the pool in {} was written by an earlier snapgate whose map format is not paged; copy its volumes out with that version (e.g. nbdcopy) into a new pool",
+                    medium.describe()
+                ),
+            ));
+        }
+    }
     if let Some(pos) = bad {
         return Err(damaged(format!("invalid frame at byte {pos}")));
     }

@@ -409,3 +409,29 @@ fn damaged_journal_is_reported_not_truncated() {
     assert_eq!(e.kind(), ErrorKind::Corruption);
     assert!(e.to_string().contains("journal"), "{e}");
 }
+
+/// A pool of the earlier, unpaged format is refused with a message that
+/// says so, not reported as damage.
+#[test]
+fn an_unpaged_pool_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    // The earlier begin record: type 10, journal id, next volume id, seq.
+    let mut payload = vec![10u8];
+    payload.extend_from_slice(&2u64.to_le_bytes());
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    payload.extend_from_slice(&5u64.to_le_bytes());
+    let seq = 5u64.to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&seq);
+    crc.update(&payload);
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&crc.finalize().to_le_bytes());
+    frame.extend_from_slice(&seq);
+    frame.extend_from_slice(&payload);
+    std::fs::write(dir.path().join("checkpoint"), &frame).unwrap();
+    let e = Pool::open(dir.path(), PoolOptions::default())
+        .err()
+        .expect("an unpaged pool must not open");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("not paged"), "{e}");
+}
