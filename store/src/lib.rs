@@ -124,6 +124,17 @@
 //!   (whose pages are untouched) plus both journals replay to the same
 //!   state. A page slot the map stops using is reused only after a root
 //!   that no longer points at it is durable.
+//! * Opening syncs the directory before anything else: a root renamed into
+//!   place by a process that died before its directory sync is made durable
+//!   before the open writes pages into slots only the older root used.
+//! * A failed flush or checkpoint is sticky: every later flush fails until
+//!   the pool is reopened. A failed sync may have dropped written pages that
+//!   the kernel will not report again, so a later "successful" sync proves
+//!   nothing; the older root and the journals still hold everything.
+//! * Applying a planned map change never reads the disk: `plan` makes the
+//!   block's pages dirty first, a new entry is set before the old one is
+//!   dropped, emptied pages stay in the directory until the next checkpoint,
+//!   and small pages merge only with neighbours already in memory.
 //! * Checkpoints start when the journal passes `journal_limit` (64 MiB), or
 //!   when changed pages fill their half of `map_cache_bytes` (at the next
 //!   flush, or by the background flusher).

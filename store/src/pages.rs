@@ -554,6 +554,16 @@ impl PagedMap {
         Ok(())
     }
 
+    /// Makes the page at `lo` dirty if that needs no disk read; says
+    /// whether it is dirty now.
+    fn dirty_if_cached(&mut self, lo: Key) -> bool {
+        match self.dir.get(&lo) {
+            Some(Slot::Dirty(_)) => true,
+            Some(Slot::Clean(r)) if self.store.cached(r.id).is_some() => self.dirty(lo).is_ok(),
+            _ => false,
+        }
+    }
+
     /// The page at `lo`, made dirty.
     fn dirty(&mut self, lo: Key) -> Result<&mut Page> {
         if let Some(Slot::Clean(r)) = self.dir.get(&lo) {
@@ -628,10 +638,11 @@ impl PagedMap {
         };
         let (_, _, old) = p.entries.remove(i);
         p.fix_span();
+        // An emptied page stays (dirty) until the next checkpoint drops it:
+        // taking it out now would hand its key range to a neighbour that
+        // the caller may not have prepared.
         let left = p.entries.len();
-        if left == 0 {
-            self.drop_empty(lo);
-        } else if left < self.store.page_max / 4 {
+        if left > 0 && left < self.store.page_max / 4 {
             self.merge_small(lo);
         }
         Ok(Some(old))
@@ -640,11 +651,16 @@ impl PagedMap {
     /// Merges the small dirty page at `lo` with a neighbour when both fit
     /// in three quarters of a page, so that dropping entries (snapshot
     /// deletion, trims) does not leave the meta file full of nearly empty
-    /// pages. Best effort: a neighbour that cannot be read stays as it is.
+    /// pages. Only neighbours already in memory (dirty, or in the cache)
+    /// are considered: changing the map never reads the disk.
     fn merge_small(&mut self, lo: Key) {
         use std::ops::Bound::{Excluded, Unbounded};
         let fits = |a: usize, b: usize| a + b <= self.store.page_max * 3 / 4;
-        let len_at = |m: &Self, k: Key| m.dir.get(&k).map(|s| m.view(s).map(|p| p.entries.len()));
+        let len_at = |m: &Self, k: Key| match m.dir.get(&k) {
+            Some(Slot::Dirty(p)) => Some(p.entries.len()),
+            Some(Slot::Clean(r)) => m.store.cached(r.id).map(|p| p.entries.len()),
+            None => None,
+        };
         let cur = match self.dir.get(&lo) {
             Some(Slot::Dirty(p)) => p.entries.len(),
             _ => return,
@@ -657,11 +673,11 @@ impl PagedMap {
         let prev = self.dir.range(..lo).next_back().map(|(k, _)| *k);
         // Fold `hi` (the later page) into `into`.
         let (into, hi) = match (next, prev) {
-            (Some(n), _) if matches!(len_at(self, n), Some(Ok(l)) if fits(cur, l)) => (lo, n),
-            (_, Some(p)) if matches!(len_at(self, p), Some(Ok(l)) if fits(cur, l)) => (p, lo),
+            (Some(n), _) if len_at(self, n).is_some_and(|l| fits(cur, l)) => (lo, n),
+            (_, Some(p)) if len_at(self, p).is_some_and(|l| fits(cur, l)) => (p, lo),
             _ => return,
         };
-        if self.dirty(into).is_err() || self.dirty(hi).is_err() {
+        if !self.dirty_if_cached(into) || !self.dirty_if_cached(hi) {
             return;
         }
         let Some(Slot::Dirty(upper)) = self.dir.remove(&hi) else {
@@ -674,23 +690,27 @@ impl PagedMap {
         }
     }
 
-    /// Removes the empty dirty page at `lo` from the directory; the first
-    /// page's successor takes over its place at the lowest key.
-    fn drop_empty(&mut self, lo: Key) {
-        self.dir.remove(&lo);
-        self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
-        if lo == (0, 0) {
-            if let Some((&next, _)) = self.dir.iter().next() {
-                let s = self.dir.remove(&next).expect("present");
-                self.dir.insert((0, 0), s);
+    /// Takes the empty pages out of the directory (each one's key range
+    /// goes to the page before it; the first page always starts at the
+    /// lowest key).
+    fn drop_empty_pages(&mut self) {
+        let empty = |s: &Slot| matches!(s, Slot::Dirty(p) if p.entries.is_empty());
+        if !self.dir.values().any(empty) {
+            return;
+        }
+        for (lo, slot) in std::mem::take(&mut self.dir) {
+            if empty(&slot) {
+                self.store.dirty_pages.fetch_sub(1, Ordering::AcqRel);
+                continue;
             }
+            let lo = if self.dir.is_empty() { (0, 0) } else { lo };
+            self.dir.insert(lo, slot);
         }
     }
 
-    /// Empties the map (the volume is deleted): every page is retired.
-    /// Calls `f` on every entry first.
-    pub fn clear(&mut self, mut f: impl FnMut(Loc)) -> Result<()> {
-        let scanned = self.for_each_page(|es| es.iter().for_each(|e| f(e.2)));
+    /// Forgets every page without reading them (a volume deleted during
+    /// replay): their slots are retired.
+    pub fn retire_all(&mut self) {
         for (_, s) in std::mem::take(&mut self.dir) {
             match s {
                 Slot::Clean(r) => self.store.retire(&r),
@@ -699,6 +719,13 @@ impl PagedMap {
                 }
             }
         }
+    }
+
+    /// Empties the map (the volume is deleted): every page is retired.
+    /// Calls `f` on every entry first.
+    pub fn clear(&mut self, mut f: impl FnMut(Loc)) -> Result<()> {
+        let scanned = self.for_each_page(|es| es.iter().for_each(|e| f(e.2)));
+        self.retire_all();
         scanned
     }
 
@@ -706,6 +733,7 @@ impl PagedMap {
     /// the volume lock, after [`PageStore::begin_checkpoint`]); they become
     /// clean and cached. Returns the directory as the root records it.
     pub fn write_dirty(&mut self, buf: &mut Vec<u8>) -> Result<Vec<(Key, PageRef)>> {
+        self.drop_empty_pages();
         let mut out = Vec::with_capacity(self.dir.len());
         for (lo, slot) in self.dir.iter_mut() {
             if let Slot::Dirty(p) = slot {
@@ -849,6 +877,7 @@ mod tests {
         for b in (0..160u64).filter(|b| b % 10 != 0) {
             m.remove((b, 0)).unwrap();
         }
+        m.write_dirty(&mut buf).unwrap();
         assert!(m.pages() * 3 <= before, "{} pages of {before}", m.pages());
         let left: Vec<u64> = m
             .range((0, 0), KEY_MAX)
@@ -857,6 +886,55 @@ mod tests {
             .map(|e| e.0)
             .collect();
         assert_eq!(left, (0..160).step_by(10).collect::<Vec<u64>>());
+    }
+
+    /// A head write of a block that is alone in its page (set the new
+    /// entry, drop the old one) needs no page but the ones `prepare` made
+    /// dirty, whether the page is the first one or not: an emptied page
+    /// stays until the next checkpoint.
+    #[test]
+    fn a_lone_entry_is_rewritten_within_prepared_pages() {
+        for layout in [
+            &[(0u64, 0..15u64), (90, 100..101), (200, 200..215)][..],
+            &[(0, 5..6), (100, 100..115)],
+        ] {
+            let st = store(1 << 20, 16);
+            let mut m = PagedMap::new(st.clone(), 1);
+            for (lo, blocks) in layout {
+                let p = Page::new(blocks.clone().map(|b| (b, 0u32, Loc::Zero)).collect());
+                m.dir.insert((*lo, 0), Slot::Dirty(p));
+                st.dirty_pages.fetch_add(1, Ordering::AcqRel);
+            }
+            let lone = layout
+                .iter()
+                .find(|(_, r)| r.end - r.start == 1)
+                .unwrap()
+                .1
+                .start;
+            let mut buf = Vec::new();
+            let g = st.begin_checkpoint();
+            m.write_dirty(&mut buf).unwrap();
+            st.release(g);
+            m.prepare((lone, 0), (lone, u32::MAX)).unwrap();
+            for sh in &st.shards {
+                let mut s = sh.lock();
+                s.lru.clear();
+                s.bytes = 0;
+            }
+            let loads = st.loads.load(Ordering::Relaxed);
+            m.insert((lone, 1), Loc::Zero).unwrap();
+            m.remove((lone, 0)).unwrap();
+            assert_eq!(st.loads.load(Ordering::Relaxed), loads, "{layout:?}");
+            let all = m.range((0, 0), KEY_MAX).unwrap();
+            assert!(
+                all.contains(&(lone, 1, Loc::Zero)) && !all.iter().any(|e| e.0 == lone && e.1 == 0)
+            );
+            // The emptied page goes at the next checkpoint.
+            let before = m.pages();
+            m.write_dirty(&mut buf).unwrap();
+            assert!(m.pages() <= before);
+            assert_eq!(m.range((0, 0), KEY_MAX).unwrap(), all);
+        }
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub(crate) struct VolState {
     /// Changed blocks per epoch, fed by `apply_update`.
     pub cbt: cbt::Tracker,
     /// (first, last, upto): blocks whose map entries born up to epoch `upto`
-    /// were lost with a damaged checkpoint frame.
+    /// were lost with a damaged map page.
     pub damaged: Vec<(u64, u64, u32)>,
 }
 
@@ -126,11 +126,6 @@ impl VolState {
     ) -> Result<()> {
         for it in items {
             self.cbt.mark(birth, it.block * B, B);
-            if let Some(t) = it.drop {
-                if let Some(old) = self.map.remove((it.block, t))? {
-                    self.forget(old, freed);
-                }
-            }
             if let Some(l) = it.set {
                 if let Loc::Data { .. } = l {
                     self.data_entries = self.data_entries.wrapping_add(1);
@@ -143,6 +138,14 @@ impl VolState {
                     }
                     Some(old) => self.forget(old, freed),
                     None => {}
+                }
+            }
+            // After the set (a different key): a page emptied here stays
+            // in the directory until the next checkpoint, so no later item
+            // lands in a page `plan` did not prepare.
+            if let Some(t) = it.drop {
+                if let Some(old) = self.map.remove((it.block, t))? {
+                    self.forget(old, freed);
                 }
             }
         }
@@ -379,6 +382,11 @@ impl Journal {
 
 struct FlushState {
     durable_upto: u64,
+    /// Set when a flush or checkpoint failed: a failed sync may have
+    /// dropped written pages that a later sync would not report again
+    /// (Linux marks them clean), so no later flush may promise durability.
+    /// Reopening the pool recovers from what is really on the medium.
+    broken: Option<String>,
 }
 
 pub(crate) struct Inner {
@@ -490,6 +498,13 @@ impl Pool {
             next_id: 1,
             pages: pages.clone(),
         };
+        // The root found may have been renamed into place by a process that
+        // died before syncing the directory: make it durable before any
+        // page slot it does not use (but the root before it might) is
+        // written again.
+        medium
+            .sync_dir()
+            .map_err(|e| Error::io("cannot sync the data directory", e))?;
         let mut journal_id = 1;
         let mut seq = 0;
         if medium.exists(CHECKPOINT) {
@@ -538,7 +553,10 @@ impl Pool {
             alloc: Mutex::new(alloc),
             reuse: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            flush: Mutex::new(FlushState { durable_upto: seq }),
+            flush: Mutex::new(FlushState {
+                durable_upto: seq,
+                broken: None,
+            }),
             data_dirty: AtomicBool::new(false),
             opts,
             flusher: Arc::new(Flusher::default()),
@@ -666,16 +684,20 @@ impl Pool {
         vols.by_name.remove(name);
         vols.by_id.remove(&cell.id);
         st.deleted = true;
-        let mut slots = Vec::new();
-        let cleared = st.map.clear(|l| {
-            if let Loc::Data { slot, .. } = l {
-                slots.push(slot);
-            }
-        });
+        // The map is read after the locks are released: its page slots stay
+        // untouched until it is cleared (retired) below.
+        let mut map = std::mem::replace(&mut st.map, PagedMap::new(vols.pages.clone(), cell.id));
         st.snaps.clear();
         st.data_entries = 0;
         drop(st);
         drop(vols);
+        let mut slots = Vec::new();
+        let cleared = map.clear(|l| {
+            if let Loc::Data { slot, .. } = l {
+                slots.push(slot);
+            }
+        });
+        drop(map);
         {
             let mut a = self.inner.alloc.lock();
             for slot in slots {
@@ -877,7 +899,7 @@ impl Pool {
                     snapshot: None,
                     offset: first * B,
                     what: format!(
-                        "map entries of {} blocks ({} bytes from here) were lost with a damaged checkpoint frame; they read as errors until rewritten",
+                        "map entries of {} blocks ({} bytes from here) were lost with a damaged map page; they read as errors until rewritten",
                         last - first + 1,
                         (last - first + 1) * B
                     ),
@@ -1350,6 +1372,7 @@ fn replay_journals(
                 Record::VolumeDelete { id } => {
                     if let Some(c) = vols.by_id.remove(&id) {
                         vols.by_name.remove(&c.name);
+                        c.st.write().map.retire_all();
                     }
                 }
                 Record::SnapshotCreate {
@@ -1550,6 +1573,10 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
+                if inner.flush.lock().broken.is_some() {
+                    // Flushes fail until the pool is reopened (said once).
+                    continue;
+                }
                 let piled = inner.alloc.lock().pending_slots() >= PENDING_FLUSH_SLOTS;
                 let pages = inner.pages.dirty_over();
                 if piled || pages || last.elapsed() >= FLUSH_INTERVAL {
@@ -1614,9 +1641,24 @@ impl Inner {
     /// changed map pages take too much memory even if nothing is to flush.
     fn flush_inner(&self, target: u64, pages_due: bool) -> Result<()> {
         let mut fs = self.flush.lock();
+        if let Some(why) = &fs.broken {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("an earlier flush failed ({why}); durability can no longer be promised: restart to recover from the medium"),
+            ));
+        }
+        let res = self.flush_locked(&mut fs, target, pages_due);
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "flush failed; later flushes fail too until the pool is reopened");
+            fs.broken = Some(e.to_string());
+        }
+        res
+    }
+
+    fn flush_locked(&self, fs: &mut FlushState, target: u64, pages_due: bool) -> Result<()> {
         if fs.durable_upto >= target {
             if pages_due && self.pages.dirty_over() {
-                return self.checkpoint(&mut fs);
+                return self.checkpoint(fs);
             }
             return Ok(());
         }
@@ -1639,9 +1681,8 @@ impl Inner {
         fs.durable_upto = upto;
         let big = self.journal.lock().pos > self.opts.journal_limit || self.pages.dirty_over();
         if big {
-            self.checkpoint(&mut fs)?;
+            self.checkpoint(fs)?;
         }
-        drop(fs);
         self.release_durable(upto);
         Ok(())
     }
@@ -2058,7 +2099,7 @@ impl Volume {
         if !st.damaged.is_empty() {
             if let Some(b) = st.first_damaged(first, last - first + 1, limit)? {
                 return Err(Error::corrupt(format!(
-                    "{}: block at offset {} is damaged (its metadata was lost with a damaged checkpoint frame)",
+                    "{}: block at offset {} is damaged (its map entry was lost with a damaged map page)",
                     self.label(),
                     b * B
                 )));

@@ -1,0 +1,233 @@
+//! Faults around syncs, through wrappers of the in-memory medium:
+//! a root renamed into place whose directory sync never happened, and a
+//! sync that fails once after the kernel dropped written pages (Linux
+//! reports such an error once; a later sync succeeds without them).
+
+use parking_lot::Mutex;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use store::{Medium, MediumFile, MemMedium, Pool, PoolOptions, BLOCK};
+
+fn opts() -> PoolOptions {
+    PoolOptions {
+        // Every flush writes a checkpoint; pages of 4 entries.
+        journal_limit: 1,
+        map_page_entries: 4,
+        ..PoolOptions::default()
+    }
+}
+
+fn fill(v: &store::Volume, base: u8) {
+    for b in 0..40u64 {
+        v.write_at(&vec![base + b as u8; BLOCK], b * BLOCK as u64, false)
+            .unwrap();
+    }
+}
+
+/// Blocks 0..40 of the head that hold none of the given generations.
+fn lost(pool: &Pool, bases: &[u8]) -> Vec<String> {
+    let h = pool.open_head("v").unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    (0..40u64)
+        .filter_map(|b| match h.read_at(&mut buf, b * BLOCK as u64) {
+            Ok(()) if bases.iter().any(|&g| buf[0] == g + b as u8) => None,
+            Ok(()) => Some(format!("block {b} holds {}", buf[0])),
+            Err(e) => Some(format!("block {b}: {e}")),
+        })
+        .collect()
+}
+
+/// Directory syncs: `fail_from` counts down successful ones, then every
+/// one fails; `cut` turns the next one into a power cut (the medium as it
+/// is durably is kept aside, and the call fails).
+struct DirFaults {
+    m: MemMedium,
+    ok_left: AtomicUsize,
+    failing: AtomicBool,
+    cut: AtomicBool,
+    after_cut: Mutex<Option<MemMedium>>,
+}
+
+impl Medium for DirFaults {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
+        self.m.open(name, create)
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.m.exists(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.m.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.m.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        if self.cut.swap(false, Ordering::SeqCst) {
+            *self.after_cut.lock() = Some(self.m.crash(|_, _| true));
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            if self.ok_left.load(Ordering::SeqCst) == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.ok_left.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.m.sync_dir()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.m.list()
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
+        Ok(Box::new(()))
+    }
+    fn describe(&self) -> String {
+        "dir-faults".into()
+    }
+}
+
+/// A checkpoint renames its root into place but the directory sync after
+/// it fails (the process then dies). The next open reads that root, which
+/// the directory may still lose: before the open writes pages into slots
+/// only the older root used, the root must be made durable, or a power cut
+/// during the open leaves the older root pointing at overwritten pages.
+#[test]
+fn a_root_renamed_but_not_dir_synced_is_made_durable_at_open() {
+    let w = Arc::new(DirFaults {
+        m: MemMedium::new(),
+        ok_left: AtomicUsize::new(0),
+        failing: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
+        after_cut: Mutex::new(None),
+    });
+    let pool = Pool::open_medium(w.clone(), opts()).unwrap();
+    pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+    let h = pool.open_head("v").unwrap();
+    fill(&h, 1);
+    h.flush().unwrap();
+    fill(&h, 101);
+    // The new journal's directory sync succeeds, the one after the rename
+    // does not.
+    w.ok_left.store(1, Ordering::SeqCst);
+    w.failing.store(true, Ordering::SeqCst);
+    assert!(h.flush().is_err());
+    // More writes after it: the next open replays them and writes pages.
+    fill(&h, 151);
+    drop(h);
+    drop(pool);
+    w.failing.store(false, Ordering::SeqCst);
+    // A new process opens the pool; the power fails at its first
+    // directory sync.
+    w.cut.store(true, Ordering::SeqCst);
+    drop(Pool::open_medium(w.clone(), opts()));
+    let after = w.after_cut.lock().take().expect("the power cut happened");
+    let pool = Pool::open_medium(Arc::new(after), opts()).unwrap();
+    let bad = lost(&pool, &[1, 101, 151]);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(pool.verify().unwrap().damaged.is_empty());
+}
+
+/// The meta file: while `dropping`, writes are lost (writeback failed) and
+/// the next sync reports EIO, once.
+struct DroppingFile {
+    f: Arc<dyn MediumFile>,
+    dropping: Arc<AtomicBool>,
+    owe_error: AtomicBool,
+}
+
+impl MediumFile for DroppingFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.f.read_at(buf, off)
+    }
+    fn write_at(&self, d: &[u8], off: u64) -> io::Result<()> {
+        if self.dropping.load(Ordering::SeqCst) {
+            self.owe_error.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        self.f.write_at(d, off)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.owe_error.swap(false, Ordering::SeqCst) {
+            self.dropping.store(false, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.f.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.f.len()
+    }
+    fn set_len(&self, l: u64) -> io::Result<()> {
+        self.f.set_len(l)
+    }
+    fn punch_hole(&self, o: u64, l: u64) -> io::Result<()> {
+        self.f.punch_hole(o, l)
+    }
+}
+
+struct MetaFaults {
+    m: MemMedium,
+    dropping: Arc<AtomicBool>,
+}
+
+impl Medium for MetaFaults {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
+        let f = self.m.open(name, create)?;
+        if name != "meta" {
+            return Ok(f);
+        }
+        Ok(Arc::new(DroppingFile {
+            f,
+            dropping: self.dropping.clone(),
+            owe_error: AtomicBool::new(false),
+        }))
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.m.exists(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.m.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.m.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.m.sync_dir()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.m.list()
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
+        Ok(Box::new(()))
+    }
+    fn describe(&self) -> String {
+        "meta-faults".into()
+    }
+}
+
+/// A checkpoint whose page sync fails must not be followed by one that
+/// "succeeds" without those pages: after a failed flush every flush fails
+/// until the pool is reopened, and reopening finds every block that was
+/// written before (from the older root and the journals).
+#[test]
+fn a_failed_page_sync_is_not_forgotten() {
+    let dropping = Arc::new(AtomicBool::new(false));
+    let w = Arc::new(MetaFaults {
+        m: MemMedium::new(),
+        dropping: dropping.clone(),
+    });
+    let pool = Pool::open_medium(w.clone(), opts()).unwrap();
+    pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+    let h = pool.open_head("v").unwrap();
+    fill(&h, 1);
+    dropping.store(true, Ordering::SeqCst);
+    let first = h.flush().unwrap_err();
+    assert_eq!(first.kind(), store::ErrorKind::Io, "{first}");
+    h.write_at(&[7; BLOCK], 60 * BLOCK as u64, false).unwrap();
+    let second = h.flush().unwrap_err();
+    assert!(second.to_string().contains("restart"), "{second}");
+    drop(h);
+    drop(pool);
+    let pool = Pool::open_medium(Arc::new(w.m.crash(|_, _| true)), opts()).unwrap();
+    let bad = lost(&pool, &[1]);
+    assert!(bad.is_empty(), "{bad:?}");
+}
