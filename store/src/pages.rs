@@ -28,6 +28,11 @@
 //! rewritten slot. Page ids never repeat (the next id is kept in the root),
 //! so a cached page can never be mistaken for a later occupant of its slot.
 //!
+//! A page that outgrows `page_max` splits in two; one that drops below a
+//! quarter of it merges with a neighbour already in memory; an emptied page
+//! leaves the directory at the next checkpoint (until then it keeps its key
+//! range, so a change prepared for that range never needs another page).
+//!
 //! Locking: the directory is part of `VolState`, so it is guarded by the
 //! volume lock: readers (shared) may load pages into the cache, writers
 //! (exclusive) change pages. A reader finishes reading a slot under the
