@@ -38,20 +38,32 @@ fn lost(pool: &Pool, bases: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Directory syncs: `fail_from` counts down successful ones, then every
-/// one fails; `cut` turns the next one into a power cut (the medium as it
-/// is durably is kept aside, and the call fails).
-struct DirFaults {
+/// A medium with faults to switch on. Directory syncs: while `failing`,
+/// `ok_left` more succeed, then every one fails; `cut` turns the next one
+/// into a power cut (the medium as it is durably is kept aside, and the
+/// call fails). The meta file drops writes while `dropping` (see
+/// [`DroppingFile`]).
+#[derive(Default)]
+struct Faults {
     m: MemMedium,
     ok_left: AtomicUsize,
     failing: AtomicBool,
     cut: AtomicBool,
     after_cut: Mutex<Option<MemMedium>>,
+    dropping: Arc<AtomicBool>,
 }
 
-impl Medium for DirFaults {
+impl Medium for Faults {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        self.m.open(name, create)
+        let f = self.m.open(name, create)?;
+        if name != "meta" {
+            return Ok(f);
+        }
+        Ok(Arc::new(DroppingFile {
+            f,
+            dropping: self.dropping.clone(),
+            owe_error: AtomicBool::new(false),
+        }))
     }
     fn exists(&self, name: &str) -> bool {
         self.m.exists(name)
@@ -82,7 +94,7 @@ impl Medium for DirFaults {
         Ok(Box::new(()))
     }
     fn describe(&self) -> String {
-        "dir-faults".into()
+        "faults".into()
     }
 }
 
@@ -93,13 +105,7 @@ impl Medium for DirFaults {
 /// during the open leaves the older root pointing at overwritten pages.
 #[test]
 fn a_root_renamed_but_not_dir_synced_is_made_durable_at_open() {
-    let w = Arc::new(DirFaults {
-        m: MemMedium::new(),
-        ok_left: AtomicUsize::new(0),
-        failing: AtomicBool::new(false),
-        cut: AtomicBool::new(false),
-        after_cut: Mutex::new(None),
-    });
+    let w = Arc::new(Faults::default());
     let pool = Pool::open_medium(w.clone(), opts()).unwrap();
     pool.create_volume("v", 64 * BLOCK as u64).unwrap();
     let h = pool.open_head("v").unwrap();
@@ -164,57 +170,14 @@ impl MediumFile for DroppingFile {
     }
 }
 
-struct MetaFaults {
-    m: MemMedium,
-    dropping: Arc<AtomicBool>,
-}
-
-impl Medium for MetaFaults {
-    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        let f = self.m.open(name, create)?;
-        if name != "meta" {
-            return Ok(f);
-        }
-        Ok(Arc::new(DroppingFile {
-            f,
-            dropping: self.dropping.clone(),
-            owe_error: AtomicBool::new(false),
-        }))
-    }
-    fn exists(&self, name: &str) -> bool {
-        self.m.exists(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.m.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.m.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.m.sync_dir()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.m.list()
-    }
-    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
-        Ok(Box::new(()))
-    }
-    fn describe(&self) -> String {
-        "meta-faults".into()
-    }
-}
-
 /// A checkpoint whose page sync fails must not be followed by one that
 /// "succeeds" without those pages: after a failed flush every flush fails
 /// until the pool is reopened, and reopening finds every block that was
 /// written before (from the older root and the journals).
 #[test]
 fn a_failed_page_sync_is_not_forgotten() {
-    let dropping = Arc::new(AtomicBool::new(false));
-    let w = Arc::new(MetaFaults {
-        m: MemMedium::new(),
-        dropping: dropping.clone(),
-    });
+    let w = Arc::new(Faults::default());
+    let dropping = w.dropping.clone();
     let pool = Pool::open_medium(w.clone(), opts()).unwrap();
     pool.create_volume("v", 64 * BLOCK as u64).unwrap();
     let h = pool.open_head("v").unwrap();
