@@ -94,7 +94,9 @@
 //!   sees it rewritten.
 //! * Opening reads the root, checks every page it points at, then replays
 //!   (streaming, in two passes: first to find the newest `Sync`) the
-//!   journals that follow it, up to the first torn frame. Records after the newest `Sync` were never promised
+//!   journals that follow it, up to the first torn frame. Pages changed by
+//!   replay beyond the memory budget are written to free slots on the way
+//!   (the open's checkpoint syncs them before its root points at them). Records after the newest `Sync` were never promised
 //!   durable: an update among them is kept only if its data block is on the
 //!   medium with the right CRC, so a power loss that kept a record but not its
 //!   data loses that (unacknowledged) write instead of corrupting the block.

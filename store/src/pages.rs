@@ -734,9 +734,12 @@ impl PagedMap {
         scanned
     }
 
-    /// Writes every dirty page to a free slot (called by a checkpoint under
-    /// the volume lock, after [`PageStore::begin_checkpoint`]); they become
-    /// clean and cached. Returns the directory as the root records it.
+    /// Writes every dirty page to a free slot, under the volume lock; they
+    /// become clean and cached. Returns the directory as the root records
+    /// it. A checkpoint calls it after [`PageStore::begin_checkpoint`];
+    /// replay calls it to stay within the memory budget (the slots are free
+    /// as far as the durable root goes, and the open's checkpoint syncs them
+    /// before its root points at them).
     pub fn write_dirty(&mut self, buf: &mut Vec<u8>) -> Result<Vec<(Key, PageRef)>> {
         self.drop_empty_pages();
         let mut out = Vec::with_capacity(self.dir.len());

@@ -1447,6 +1447,15 @@ fn replay_journals(
                 }
                 _ => {}
             }
+            // A long journal may change more pages than the cache budget
+            // holds: write the changed ones out (to free slots; the open's
+            // checkpoint makes them durable and points the root at them).
+            if vols.pages.dirty_over() {
+                let mut buf = Vec::new();
+                for c in vols.by_id.values() {
+                    c.st.write().map.write_dirty(&mut buf)?;
+                }
+            }
         }
     }
     Ok(expect)
