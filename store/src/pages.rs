@@ -489,6 +489,17 @@ impl PagedMap {
         Ok(out)
     }
 
+    /// The newest birth of `block` and how many entries it has, in one scan.
+    pub fn births(&self, block: u64) -> Result<(Option<u32>, usize)> {
+        let (mut newest, mut n) = (None, 0);
+        self.scan((block, 0), (block + 1, 0), |(_, t), _| {
+            newest = Some(t);
+            n += 1;
+            true
+        })?;
+        Ok((newest, n))
+    }
+
     /// Entries with `from <= key < to`, collected.
     #[cfg(test)]
     pub fn range(&self, from: Key, to: Key) -> Result<Vec<Entry>> {

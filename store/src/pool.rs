@@ -176,7 +176,7 @@ impl VolState {
     fn plan(&mut self, block: u64, new: Loc) -> Result<Option<UpdateItem>> {
         self.map.prepare((block, 0), (block, u32::MAX))?;
         let cur = self.epoch;
-        let latest = self.map.latest(block, u32::MAX)?.map(|(t, _)| t);
+        let (latest, entries) = self.map.births(block)?;
         let Some(t) = latest else {
             return Ok((new != Loc::Hole).then_some(UpdateItem {
                 block,
@@ -192,7 +192,7 @@ impl VolState {
                 drop: None,
             }));
         }
-        let older = t > 0 && self.map.latest(block, t - 1)?.is_some();
+        let older = entries > 1;
         if new == Loc::Hole && !older {
             return Ok(Some(UpdateItem {
                 block,
