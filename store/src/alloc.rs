@@ -63,6 +63,8 @@ pub struct Alloc {
     /// `fdatasync` cheap; beyond it freed space is punched.
     warm: Ranges,
     pub warm_cap: u64,
+    /// Percent of the slots in use added to `warm_cap`.
+    pub warm_percent: u64,
     /// Free slots punched out of the data file (or never written).
     cold: Ranges,
     /// Slots at or above this have never been handed out.
@@ -91,10 +93,11 @@ fn merge(mut slots: Vec<u64>) -> Vec<Run> {
 impl Alloc {
     /// An allocator where `used` (sorted, deduplicated) are taken and
     /// everything else below `high` is free (and punched).
-    pub fn rebuild(used: &[u64], high: u64, warm_cap: u64) -> Alloc {
+    pub fn rebuild(used: &[u64], high: u64, warm_cap: u64, warm_percent: u64) -> Alloc {
         let mut a = Alloc {
             high,
             warm_cap,
+            warm_percent,
             ..Default::default()
         };
         let mut next = 0;
@@ -152,19 +155,29 @@ impl Alloc {
         (merge(warm), merge(cold))
     }
 
-    /// Makes durable-freed ranges reusable: as many as fit stay warm, the
-    /// rest are returned for the caller to punch and hand to
-    /// [`Alloc::release_punched`].
-    pub fn release(&mut self, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
-        let mut punch = Vec::new();
-        for &(s, l) in ranges {
-            let room = self.warm_cap.saturating_sub(self.warm.total).min(l);
+    /// Makes durable-freed ranges reusable. `warm` ranges stay allocated as
+    /// far as the warm reserve (`warm_cap` plus `warm_percent` of the slots
+    /// still in use) has room; the rest, all of `cold`, and whatever the
+    /// reserve holds beyond its (possibly shrunken) size are returned for
+    /// the caller to punch and hand to [`Alloc::release_punched`].
+    pub fn release(&mut self, warm: &[Run], cold: &[Run]) -> Vec<Run> {
+        let freed: u64 = warm.iter().chain(cold).map(|r| r.1).sum();
+        let used =
+            self.high - self.warm.total - self.cold.total - self.pending.len() as u64 - freed;
+        let cap = self.warm_cap + used * self.warm_percent / 100;
+        let mut punch = cold.to_vec();
+        for &(s, l) in warm {
+            let room = cap.saturating_sub(self.warm.total).min(l);
             if room > 0 {
                 self.warm.insert(s, room);
             }
             if room < l {
                 punch.push((s + room, l - room));
             }
+        }
+        // Data deleted since the reserve filled up shrinks it.
+        if self.warm.total > cap {
+            self.warm.take(self.warm.total - cap, &mut punch);
         }
         punch
     }
@@ -192,9 +205,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reserve_grows_with_the_data_stored() {
+        let mut a = Alloc::rebuild(&[], 0, 10, 50);
+        assert_eq!(a.alloc(300), vec![(0, 300)]);
+        // 100 of 300 freed: 200 stay in use, so the reserve is 10 + 100.
+        for s in 0..100 {
+            a.defer(1, s, true);
+        }
+        let (warm, cold) = a.take_durable(1);
+        assert!(cold.is_empty());
+        assert!(a.release(&warm, &[]).is_empty());
+        // 150 more freed: 50 in use, the reserve shrinks to 10 + 25 = 35, so
+        // all 150 are punched and so are 65 of the 100 kept before.
+        for s in 100..250 {
+            a.defer(2, s, true);
+        }
+        let (warm, _) = a.take_durable(2);
+        let punch = a.release(&warm, &[]);
+        assert_eq!(punch, vec![(100, 150), (0, 65)]);
+        a.release_punched(&punch);
+        // Trims and deletions always give space back: 40 of the last 50
+        // go, 10 stay in use, and the reserve shrinks to 15.
+        for s in 250..290 {
+            a.defer(3, s, false);
+        }
+        let (warm, cold) = a.take_durable(3);
+        assert!(warm.is_empty());
+        assert_eq!(a.release(&warm, &cold), vec![(250, 40), (65, 20)]);
+        assert_eq!(a.free_slots(), 15 + 215);
+    }
+
+    #[test]
     fn rebuild_alloc_release() {
         const WARM_SLOTS: u64 = 100;
-        let mut a = Alloc::rebuild(&[1, 2, 5], 8, WARM_SLOTS);
+        let mut a = Alloc::rebuild(&[1, 2, 5], 8, WARM_SLOTS, 0);
         assert_eq!(a.free_slots(), 5);
         assert_eq!(a.alloc(2), vec![(0, 1), (3, 1)]);
         assert_eq!(a.alloc(4), vec![(4, 1), (6, 2), (8, 1)]);
@@ -202,10 +246,10 @@ mod tests {
         a.defer(10, 3, true);
         a.defer(12, 4, true);
         assert_eq!(a.take_durable(11), (vec![(3, 1)], vec![]));
-        assert!(a.release(&[(3, 1)]).is_empty());
+        assert!(a.release(&[(3, 1)], &[]).is_empty());
         assert_eq!(a.pending_slots(), 1);
         assert_eq!(a.take_durable(12), (vec![(4, 1)], vec![]));
-        assert!(a.release(&[(4, 1)]).is_empty());
+        assert!(a.release(&[(4, 1)], &[]).is_empty());
         assert_eq!(a.alloc(3), vec![(3, 2), (9, 1)]);
         // Past the warm reserve, freed space is handed back for punching.
         let big = a.alloc(WARM_SLOTS + 10);
@@ -216,7 +260,7 @@ mod tests {
         }
         let (ranges, cold) = a.take_durable(20);
         assert!(cold.is_empty());
-        let punch = a.release(&ranges);
+        let punch = a.release(&ranges, &[]);
         assert_eq!(punch.iter().map(|r| r.1).sum::<u64>(), 10);
         a.release_punched(&punch);
         assert_eq!(a.free_slots(), WARM_SLOTS + 10);

@@ -203,10 +203,17 @@ pub struct PoolOptions {
     /// The journal is folded into a new checkpoint once it grows past this
     /// many bytes (checked at flush).
     pub journal_limit: u64,
-    /// Freed data space up to this many bytes stays allocated in the data
-    /// file for reuse (cheap syncs); beyond it, freed space is given back to
-    /// the filesystem at once.
+    /// Data space freed by overwrites, up to this many bytes plus
+    /// `reuse_reserve_percent` of the data stored, stays allocated in the
+    /// data file for the next writes; beyond it, freed space is given back
+    /// to the filesystem at once. Reusing allocated space spares the
+    /// filesystem an allocation per write and a hole punch per free, and
+    /// keeps the page cache's large folios whole (a punch splits the folio
+    /// around it). Space freed by trims and by deleting snapshots and
+    /// volumes is always given back at once.
     pub reuse_reserve_bytes: u64,
+    /// See `reuse_reserve_bytes`.
+    pub reuse_reserve_percent: u64,
     /// Memory for map pages: half for pages read from disk (an LRU cache
     /// shared by every volume), half for changed pages waiting for the
     /// next checkpoint (which starts when they fill it).
@@ -220,6 +227,7 @@ impl Default for PoolOptions {
         PoolOptions {
             journal_limit: 64 << 20,
             reuse_reserve_bytes: 64 << 20,
+            reuse_reserve_percent: 6,
             map_cache_bytes: 64 << 20,
             map_page_entries: pages::PAGE_MAX,
         }

@@ -46,6 +46,7 @@ use crate::medium::MediumFile;
 use crate::Loc;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -119,9 +120,17 @@ impl Page {
             return e.binary_search_by(|x| (x.0, x.1).cmp(&k));
         }
         let guess = ((k.0 - lo_b) as u128 * (n - 1) as u128 / (hi_b - lo_b) as u128) as usize;
+        // The guess's neighbours are read next (here, or by the caller's
+        // scan): start loading their cache lines together with its own.
+        prefetch(&e[guess.saturating_sub(1)]);
+        prefetch(&e[(guess + 1).min(n - 1)]);
+        let at = key(guess);
+        if at == k {
+            return Ok(guess);
+        }
         // Gallop from the guess to bracket the key, then search inside.
         let (mut a, mut b);
-        if key(guess) < k {
+        if at < k {
             let mut step = 1;
             a = guess;
             b = guess + 1;
@@ -150,6 +159,20 @@ impl Page {
             Err(i) => Err(a + i),
         }
     }
+}
+
+/// Hints the CPU to start loading `x`'s cache line.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; the address is a valid reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const T).cast::<i8>(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 enum Slot {
@@ -446,19 +469,33 @@ impl PagedMap {
     /// Calls `f` on each entry with `from <= key < to`, in order, until it
     /// returns false.
     pub fn scan(&self, from: Key, to: Key, mut f: impl FnMut(Key, Loc) -> bool) -> Result<()> {
-        let Some(start) = self.page_of(from) else {
+        // The page that holds `from` (the first page starts at the lowest
+        // key); most scans end inside it, so the directory is walked again
+        // only when they run past its end.
+        let Some((&start, slot)) = self
+            .dir
+            .range(..=from)
+            .next_back()
+            .or_else(|| self.dir.iter().next())
+        else {
             return Ok(());
         };
-        for (lo, slot) in self.dir.range(start..) {
-            if *lo >= to {
-                break;
-            }
+        let mut visit = |slot: &Slot| -> Result<bool> {
             let p = self.view(slot)?;
             let i = p.find(from).unwrap_or_else(|i| i);
             for &(b, t, l) in &p.entries[i..] {
                 if (b, t) >= to || !f((b, t), l) {
-                    return Ok(());
+                    return Ok(false);
                 }
+            }
+            Ok(true)
+        };
+        if !visit(slot)? {
+            return Ok(());
+        }
+        for (lo, slot) in self.dir.range((Excluded(start), Unbounded)) {
+            if *lo >= to || !visit(slot)? {
+                break;
             }
         }
         Ok(())

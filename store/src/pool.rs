@@ -313,8 +313,9 @@ impl VolState {
     }
 
     /// Per block of [first, first+n), the location the view `limit` sees.
-    fn locate(&self, first: u64, n: usize, limit: u32) -> Result<Vec<Loc>> {
-        let mut locs = vec![Loc::Hole; n];
+    fn locate(&self, first: u64, locs: &mut [Loc], limit: u32) -> Result<()> {
+        let n = locs.len();
+        locs.fill(Loc::Hole);
         self.map
             .scan((first, 0), (first + n as u64, 0), |(b, t), l| {
                 if t <= limit {
@@ -322,7 +323,7 @@ impl VolState {
                 }
                 true
             })?;
-        Ok(locs)
+        Ok(())
     }
 }
 
@@ -524,7 +525,12 @@ impl Pool {
             .map_err(|e| Error::io("cannot stat the data file", e))?
             / B;
         let high = file_slots.max(used.last().map(|s| s + 1).unwrap_or(0));
-        let alloc = Alloc::rebuild(&used, high, opts.reuse_reserve_bytes / B);
+        let alloc = Alloc::rebuild(
+            &used,
+            high,
+            opts.reuse_reserve_bytes / B,
+            opts.reuse_reserve_percent,
+        );
 
         // Start a new journal after a fresh checkpoint, so a torn tail of the
         // old journal is never appended to.
@@ -1710,13 +1716,13 @@ impl Inner {
 
     /// Frees slots whose dropping records are durable.
     fn release_durable(&self, upto: u64) {
-        let (warm, mut punch) = self.alloc.lock().take_durable(upto);
-        if warm.is_empty() && punch.is_empty() {
+        let (warm, cold) = self.alloc.lock().take_durable(upto);
+        if warm.is_empty() && cold.is_empty() {
             return;
         }
         // Wait out readers that may have located these slots before the drop.
         drop(self.reuse.write());
-        punch.extend(self.alloc.lock().release(&warm));
+        let punch = self.alloc.lock().release(&warm, &cold);
         if punch.is_empty() {
             return;
         }
@@ -2114,7 +2120,17 @@ impl Volume {
                 )));
             }
         }
-        let locs = st.locate(first, (last - first + 1) as usize, limit)?;
+        // Short reads (the common case) locate into the stack.
+        let n = (last - first + 1) as usize;
+        let mut small = [Loc::Hole; 32];
+        let mut big = Vec::new();
+        let locs: &mut [Loc] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            big.resize(n, Loc::Hole);
+            &mut big
+        };
+        st.locate(first, locs, limit)?;
         let _reading = self.inner.reuse.read();
         drop(st);
         let mut tmp: Vec<u8> = Vec::new();

@@ -26,6 +26,7 @@ fn one_run(seed: u64) {
             1 << 20
         },
         reuse_reserve_bytes: if seed.is_multiple_of(3) { 0 } else { 64 << 20 },
+        reuse_reserve_percent: if seed.is_multiple_of(3) { 0 } else { 6 },
         // Tiny pages and no page cache in some runs: page splits, reloads
         // and page write-back at every checkpoint.
         map_page_entries: if seed % 4 == 1 { 4 } else { 640 },

@@ -188,6 +188,7 @@ fn space_comes_back_after_snapshot_deletion() {
     // No reuse reserve: every freed block is given back at once.
     let opts = PoolOptions {
         reuse_reserve_bytes: 0,
+        reuse_reserve_percent: 0,
         ..PoolOptions::default()
     };
     let pool = Pool::open(dir.path(), opts).unwrap();
@@ -355,6 +356,7 @@ fn reuse_reserve_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let opts = PoolOptions {
         reuse_reserve_bytes: 4 << 20,
+        reuse_reserve_percent: 0,
         ..PoolOptions::default()
     };
     let pool = Pool::open(dir.path(), opts).unwrap();

@@ -96,6 +96,7 @@ fn run(ops: Vec<Op>) {
     let opts = PoolOptions {
         journal_limit: 4096,
         reuse_reserve_bytes: 16 << 10,
+        reuse_reserve_percent: 10,
         // Pages of 4 entries and almost no cache: every path through page
         // splits, evictions, reloads and write-back is exercised.
         map_page_entries: 4,
