@@ -92,6 +92,34 @@ struct Row {
     unit: &'static str,
 }
 
+/// Runs per read measurement: reads change nothing, so the same reads run
+/// again, the store and the file in turns, and each row reports the median.
+const RUNS: usize = 3;
+/// Writes are split into this many rounds, the store and the file in turns.
+const WRITE_ROUNDS: usize = 4;
+
+/// Median seconds of `runs` runs of `store` and of `file` (each given the
+/// run's number), in turns.
+fn alternate(runs: usize, mut store: impl FnMut(usize), mut file: impl FnMut(usize)) -> (f64, f64) {
+    let (mut s, mut f) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let t = Instant::now();
+        store(r);
+        s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        file(r);
+        f.push(t.elapsed().as_secs_f64());
+    }
+    (median(s), median(f))
+}
+
+/// Writes back and drops the page cache; false when not allowed (not root).
+fn drop_page_cache() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
 fn offsets(n: usize, blocks: u64, seed: u64) -> Vec<u64> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n).map(|_| rng.gen_range(0..blocks) * 4096).collect()
@@ -132,88 +160,104 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
         unit: "MiB/s",
     });
 
-    // 1 MiB sequential read.
-    let mut buf = vec![0u8; 1 << 20];
-    let t = Instant::now();
-    for m in 0..VOL >> 20 {
-        v.read_at(&mut buf, m << 20).unwrap();
-    }
-    let s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for m in 0..VOL >> 20 {
-        f.read_exact_at(&mut buf, m << 20).unwrap();
-    }
-    let p = t.elapsed().as_secs_f64();
+    // 1 MiB sequential read (page cache), store and file in turn.
+    let (mut b1, mut b2) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let (s, p) = alternate(
+        RUNS,
+        |_| {
+            for m in 0..VOL >> 20 {
+                v.read_at(&mut b1, m << 20).unwrap();
+            }
+        },
+        |_| {
+            for m in 0..VOL >> 20 {
+                f.read_exact_at(&mut b2, m << 20).unwrap();
+            }
+        },
+    );
     rows.push(Row {
-        name: "1 MiB sequential read (1 GiB, page cache)".into(),
+        name: format!("1 MiB sequential read (1 GiB, page cache; median of {RUNS})"),
         store: mbps(VOL, s),
         file: mbps(VOL, p),
         unit: "MiB/s",
     });
 
-    // 4 KiB random write, flush every 64 writes.
+    // 4 KiB random writes, in rounds that alternate between the store and
+    // the file, so that neither always runs behind the other's writeback.
     let n = 32768;
     let offs = offsets(n, VOL / 4096, 1);
-    let t = Instant::now();
-    for (i, &o) in offs.iter().enumerate() {
-        v.write_at(&blk, o, false).unwrap();
-        if i % 64 == 63 {
-            v.flush().unwrap();
-        }
-    }
-    let s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for (i, &o) in offs.iter().enumerate() {
-        f.write_all_at(&blk, o).unwrap();
-        if i % 64 == 63 {
-            f.sync_data().unwrap();
-        }
-    }
-    let p = t.elapsed().as_secs_f64();
+    let part = n / WRITE_ROUNDS;
+    let (s, p) = alternate(
+        WRITE_ROUNDS,
+        |r| {
+            for (i, &o) in offs[r * part..(r + 1) * part].iter().enumerate() {
+                v.write_at(&blk, o, false).unwrap();
+                if i % 64 == 63 {
+                    v.flush().unwrap();
+                }
+            }
+        },
+        |r| {
+            for (i, &o) in offs[r * part..(r + 1) * part].iter().enumerate() {
+                f.write_all_at(&blk, o).unwrap();
+                if i % 64 == 63 {
+                    f.sync_data().unwrap();
+                }
+            }
+        },
+    );
     rows.push(Row {
-        name: "4 KiB random write, flush every 64".into(),
-        store: n as f64 / s,
-        file: n as f64 / p,
+        name: format!("4 KiB random write, flush every 64 (median of {WRITE_ROUNDS} rounds)"),
+        store: part as f64 / s,
+        file: part as f64 / p,
         unit: "IOPS",
     });
 
     let n = 131072;
     let offs = offsets(n, VOL / 4096, 2);
-    let t = Instant::now();
-    for &o in &offs {
-        v.write_at(&blk, o, false).unwrap();
-    }
-    let s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for &o in &offs {
-        f.write_all_at(&blk, o).unwrap();
-    }
-    let p = t.elapsed().as_secs_f64();
+    let part = n / WRITE_ROUNDS;
+    let (s, p) = alternate(
+        WRITE_ROUNDS,
+        |r| {
+            for &o in &offs[r * part..(r + 1) * part] {
+                v.write_at(&blk, o, false).unwrap();
+            }
+        },
+        |r| {
+            for &o in &offs[r * part..(r + 1) * part] {
+                f.write_all_at(&blk, o).unwrap();
+            }
+        },
+    );
     rows.push(Row {
-        name: "4 KiB random write, no flush".into(),
-        store: n as f64 / s,
-        file: n as f64 / p,
+        name: format!("4 KiB random write, no flush (median of {WRITE_ROUNDS} rounds)"),
+        store: part as f64 / s,
+        file: part as f64 / p,
         unit: "IOPS",
     });
 
-    let mut b4 = vec![0u8; 4096];
+    let (mut b4, mut c4) = (vec![0u8; 4096], vec![0u8; 4096]);
     let offs = offsets(n, VOL / 4096, 3);
-    let t = Instant::now();
-    for &o in &offs {
-        v.read_at(&mut b4, o).unwrap();
-    }
-    let s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for &o in &offs {
-        f.read_exact_at(&mut b4, o).unwrap();
-    }
-    let p = t.elapsed().as_secs_f64();
+    let (s, p) = alternate(
+        RUNS,
+        |_| {
+            for &o in &offs {
+                v.read_at(&mut b4, o).unwrap();
+            }
+        },
+        |_| {
+            for &o in &offs {
+                f.read_exact_at(&mut c4, o).unwrap();
+            }
+        },
+    );
     rows.push(Row {
-        name: "4 KiB random read (page cache)".into(),
+        name: format!("4 KiB random read (page cache; median of {RUNS})"),
         store: n as f64 / s,
         file: n as f64 / p,
         unit: "IOPS",
     });
+    let hot_file = p;
 
     // The same reads with the map paged out: reopened with a map cache of
     // 1 MiB (1/16 of this volume's pages), so most lookups read a page.
@@ -237,9 +281,45 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
             st.map_pages, st.map_page_loads
         ),
         store: n as f64 / s,
-        file: n as f64 / p,
+        file: n as f64 / hot_file,
         unit: "IOPS",
     });
+
+    // The same reads from the disk: the page cache is dropped before each
+    // run (needs root; the row is left out otherwise). Reopened with the
+    // default map cache, which the first run fills from the meta file.
+    drop(v);
+    drop(pool);
+    let pool = Pool::open(dir.join("pool"), PoolOptions::default()).unwrap();
+    let v = pool.open_head("bench").unwrap();
+    let cold = &offs[..8192];
+    let dropped = std::cell::Cell::new(true);
+    let (s, p) = alternate(
+        RUNS,
+        |_| {
+            dropped.set(dropped.get() & drop_page_cache());
+            for &o in cold {
+                v.read_at(&mut b4, o).unwrap();
+            }
+        },
+        |_| {
+            dropped.set(dropped.get() & drop_page_cache());
+            for &o in cold {
+                f.read_exact_at(&mut c4, o).unwrap();
+            }
+        },
+    );
+    if dropped.get() {
+        rows.push(Row {
+            name: format!(
+                "4 KiB random read, page cache dropped ({} reads; median of {RUNS})",
+                cold.len()
+            ),
+            store: cold.len() as f64 / s,
+            file: cold.len() as f64 / p,
+            unit: "IOPS",
+        });
+    }
 }
 
 fn snapshot_rows(dir: &Path, out: &mut Vec<String>) {
