@@ -39,9 +39,16 @@
 //! overwritten in place, so no durable block is ever torn. The one exception
 //! is safe by construction: a block rewritten again before any flush
 //! captured its previous write reuses that write's slot (see "Durability"). Deleting a
-//! snapshot drops exactly the entries no remaining view can see (for each
-//! block, entries born after the previous live snapshot and superseded before
-//! the next live one, or the head) — first, middle or last snapshot alike.
+//! snapshot journals its removal, then drops exactly the entries no
+//! remaining view can see (an entry superseded by a newer one of the same
+//! block with no live snapshot taken between the two births) — first,
+//! middle or last snapshot alike. The drops go in batches of one map page's
+//! blocks, each under the volume lock for that page only and journaled as
+//! its own `Drops` record, with a checkpoint whenever changed pages pass
+//! their memory budget; so the volume keeps serving I/O meanwhile, and
+//! neither memory nor a journal frame grows with the volume. A crash
+//! between batches leaves entries nothing sees: opening notices them while
+//! it reads every page anyway, and finishes the job before it returns.
 //! Trim and write-zeroes are map-only: `Hole` (deallocated) and `Zero`
 //! (allocated zeros, for NO_HOLE, which provisions never-written blocks too) entries take no data space; all-zero block
 //! writes are stored as `Zero` too. Freed slots are punched out of the data
@@ -167,8 +174,7 @@
 //! 65 536 remembered fresh slots. Opening reads every page once (to check
 //! it and rebuild the change bitmaps) through the cache, and holds the list
 //! of used data slots (8 bytes per stored block) until the allocator is
-//! built. Deleting a snapshot makes every page with entries it drops dirty
-//! at once.
+//! built.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod alloc;

@@ -466,6 +466,15 @@ impl PagedMap {
             .map(|(lo, _)| *lo)
     }
 
+    /// Where a batch of blocks that starts at `block` ends: at the first
+    /// block of the page after the one holding `(block, 0)` (at least
+    /// `block + 1`); `None` when that is the last page.
+    pub fn batch_end(&self, block: u64) -> Option<u64> {
+        let lo = self.page_of((block, 0))?;
+        let (&(b, _), _) = self.dir.range((Excluded(lo), Unbounded)).next()?;
+        Some(b.max(block + 1))
+    }
+
     /// Calls `f` on each entry with `from <= key < to`, in order, until it
     /// returns false.
     pub fn scan(&self, from: Key, to: Key, mut f: impl FnMut(Key, Loc) -> bool) -> Result<()> {

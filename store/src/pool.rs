@@ -105,6 +105,8 @@ pub(crate) struct VolState {
     /// (first, last, upto): blocks whose map entries born up to epoch `upto`
     /// were lost with a damaged map page.
     pub damaged: Vec<(u64, u64, u32)>,
+    /// The map holds entries no view sees (found at open).
+    pub gc_needed: bool,
 }
 
 impl VolState {
@@ -230,8 +232,16 @@ impl VolState {
             let i = snaps.partition_point(|&e| e < birth);
             snaps.get(i).copied().unwrap_or(head)
         };
+        // Garbage left by a snapshot deletion that a crash cut short.
+        let mut garbage = false;
+        let mut prev: Option<Key> = None;
         self.map.for_each_page(|entries| {
             for &(b, birth, l) in entries {
+                if let Some((pb, pt)) = prev {
+                    let i = snaps.partition_point(|&e| e < pt);
+                    garbage |= pb == b && snaps.get(i).is_none_or(|&e| e >= birth);
+                }
+                prev = Some((b, birth));
                 if let Loc::Data { slot, .. } = l {
                     data += 1;
                     used.push(slot);
@@ -242,6 +252,7 @@ impl VolState {
             }
         })?;
         self.data_entries = data;
+        self.gc_needed = garbage;
         if !tracking {
             return Ok(());
         }
@@ -280,36 +291,25 @@ impl VolState {
         Ok(None)
     }
 
-    /// Entries that become invisible when the snapshot at `epoch` goes.
-    fn gc_for_delete(&self, epoch: u32) -> Result<Vec<(u64, u32)>> {
-        let lo = self
-            .snaps
-            .range(..epoch)
-            .next_back()
-            .map(|(e, _)| e + 1)
-            .unwrap_or(0);
-        let next = self.snaps.range(epoch + 1..).next().map(|(e, _)| *e);
-        let mut drops = Vec::new();
-        // Each entry is judged when the one after it (across pages) is seen.
+    /// Entries of blocks `[from, to)` that no view sees: an entry with a
+    /// newer one for the same block is seen only by snapshots taken at or
+    /// after its birth and before the newer one's; with none left there, it
+    /// is garbage. (The newest entry is the head's.) Writes never leave
+    /// garbage (`plan` replaces what no snapshot sees); deleting a snapshot
+    /// does.
+    fn garbage(&self, from: u64, to: u64) -> Result<Vec<Key>> {
+        let mut out = Vec::new();
         let mut prev: Option<Key> = None;
-        self.map.for_each_page(|entries| {
-            for &(b2, t2, _) in entries {
-                if let Some((b, t)) = prev {
-                    // A newer entry exists: drop this one if it is in the
-                    // window but not the window's last, or if the next view
-                    // sees the newer one.
-                    if t >= lo
-                        && t <= epoch
-                        && b2 == b
-                        && (t2 <= epoch || next.is_none_or(|n| t2 <= n))
-                    {
-                        drops.push((b, t));
-                    }
+        self.map.scan((from, 0), (to, 0), |(b, t), _| {
+            if let Some((pb, pt)) = prev {
+                if pb == b && self.snaps.range(pt..t).next().is_none() {
+                    out.push((pb, pt));
                 }
-                prev = Some((b2, t2));
             }
+            prev = Some((b, t));
+            true
         })?;
-        Ok(drops)
+        Ok(out)
     }
 
     /// Per block of [first, first+n), the location the view `limit` sees.
@@ -575,6 +575,22 @@ impl Pool {
             let mut fs = inner.flush.lock();
             inner.checkpoint(&mut fs)?;
         }
+        // Finish snapshot deletions a crash cut short, and make the drops
+        // durable before the space they free is punched.
+        let unfinished: Vec<Arc<VolCell>> = inner
+            .vols
+            .read()
+            .by_id
+            .values()
+            .filter(|c| c.st.read().gc_needed)
+            .cloned()
+            .collect();
+        for cell in &unfinished {
+            inner.collect_garbage(cell)?;
+        }
+        if !unfinished.is_empty() {
+            inner.flush_all()?;
+        }
         // Punch the space of slots nothing references (freed before a crash).
         inner.punch_free_space();
         let flusher = start_flusher(&inner);
@@ -799,33 +815,18 @@ impl Pool {
             let epoch = st
                 .snap_by_name(name)
                 .ok_or_else(|| not_found_snap(volume, name))?;
-            let drops = st.gc_for_delete(epoch)?;
-            for &(b, t) in &drops {
-                st.map.prepare((b, t), (b, t))?;
-            }
-            let mut j = self.inner.journal.lock();
-            j.append(&Record::SnapshotDelete {
+            let seq = self.inner.journal.lock().append(&Record::SnapshotDelete {
                 vol: cell.id,
                 epoch,
             })?;
-            let seq = j.append(&Record::Drops {
-                vol: cell.id,
-                items: drops.clone(),
-            })?;
-            drop(j);
             st.snaps.remove(&epoch);
             let into = st.cbt_epoch(epoch);
             st.cbt.merge(epoch, into);
-            let mut freed = Vec::new();
-            st.apply_drops(&drops, &mut freed)?;
-            drop(st);
-            let mut a = self.inner.alloc.lock();
-            for s in freed {
-                a.defer(seq, s, false);
-            }
             seq
         };
-        self.inner.flush_upto(seq)
+        // The snapshot is gone; now the entries only it saw, in batches.
+        let last = self.inner.collect_garbage(&cell)?;
+        self.inner.flush_upto(seq.max(last))
     }
 
     /// Changed extents of `volume` between snapshot `a` and snapshot `b`
@@ -1065,6 +1066,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 data_entries: 0,
                 deleted: false,
                 damaged: Vec::new(),
+                gc_needed: false,
                 cbt: match *cbt_shift {
                     0 => cbt::Tracker::disabled(),
                     s => cbt::Tracker::new(1u64 << s.clamp(9, 40)),
@@ -1712,6 +1714,59 @@ impl Inner {
         self.captured.fetch_max(upto, Ordering::AcqRel);
         self.fresh.lock().retain(|_, s| *s > upto);
         upto
+    }
+
+    /// Drops the map entries of `cell` that no view sees any more (see
+    /// `VolState::garbage`), one map page's worth of blocks at a time: each
+    /// batch holds the volume lock only for its own page, journals one
+    /// `Drops` record, and writes changed pages out through a checkpoint
+    /// when they pass their memory budget, so neither the lock, the memory
+    /// nor a journal frame grows with the volume. Returns the last record's
+    /// sequence number (0 when nothing was dropped). Freed slots are given
+    /// back once that record is durable.
+    fn collect_garbage(&self, cell: &Arc<VolCell>) -> Result<u64> {
+        let mut last = 0;
+        let mut cursor = 0;
+        loop {
+            let mut st = cell.st.write();
+            if st.deleted {
+                return Ok(last);
+            }
+            let end = st.map.batch_end(cursor);
+            let drops = st.garbage(cursor, end.unwrap_or(u64::MAX))?;
+            if !drops.is_empty() {
+                for &k in &drops {
+                    st.map.prepare(k, k)?;
+                }
+                last = self.journal.lock().append(&Record::Drops {
+                    vol: cell.id,
+                    items: drops.clone(),
+                })?;
+                let mut freed = Vec::new();
+                st.apply_drops(&drops, &mut freed)?;
+                drop(st);
+                let pending = {
+                    let mut a = self.alloc.lock();
+                    for s in freed {
+                        a.defer(last, s, false);
+                    }
+                    a.pending_slots()
+                };
+                self.note_pending(pending);
+                if self.pages.dirty_over() {
+                    self.flush_inner(last, true)?;
+                }
+            } else {
+                drop(st);
+            }
+            match end {
+                Some(e) => cursor = e,
+                None => {
+                    cell.st.write().gc_needed = false;
+                    return Ok(last);
+                }
+            }
+        }
     }
 
     /// Frees slots whose dropping records are durable.
