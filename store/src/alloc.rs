@@ -56,6 +56,80 @@ impl Ranges {
     }
 }
 
+/// A set of slots as a bitmap: one bit per slot up to the highest, so
+/// opening a pool holds 1/32768 of the data file's size while it gathers
+/// the slots in use.
+#[derive(Default)]
+pub struct SlotSet {
+    words: Vec<u64>,
+}
+
+impl SlotSet {
+    /// An empty set with room for slots below `slots` (it grows past them).
+    pub fn with_capacity(slots: u64) -> SlotSet {
+        SlotSet {
+            words: Vec::with_capacity(slots.div_ceil(64) as usize),
+        }
+    }
+
+    pub fn insert(&mut self, slot: u64) {
+        let w = (slot / 64) as usize;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (slot % 64);
+    }
+
+    /// One past the highest slot in the set (0 when empty).
+    pub fn end(&self) -> u64 {
+        match self.words.iter().rposition(|&w| w != 0) {
+            Some(i) => i as u64 * 64 + 64 - self.words[i].leading_zeros() as u64,
+            None => 0,
+        }
+    }
+
+    fn contains(&self, slot: u64) -> bool {
+        self.words
+            .get((slot / 64) as usize)
+            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    /// The runs of slots below `high` that are not in the set.
+    fn gaps(&self, high: u64) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        let mut s = 0;
+        while s < high {
+            let w = (s / 64) as usize;
+            // Whole words at a time where they are empty or full.
+            if s % 64 == 0 && s + 64 <= high {
+                match self.words.get(w).copied().unwrap_or(0) {
+                    0 => {
+                        match out.last_mut() {
+                            Some((st, l)) if *st + *l == s => *l += 64,
+                            _ => out.push((s, 64)),
+                        }
+                        s += 64;
+                        continue;
+                    }
+                    u64::MAX => {
+                        s += 64;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if !self.contains(s) {
+                match out.last_mut() {
+                    Some((st, l)) if *st + *l == s => *l += 1,
+                    _ => out.push((s, 1)),
+                }
+            }
+            s += 1;
+        }
+        out
+    }
+}
+
 #[derive(Default)]
 pub struct Alloc {
     /// Free slots whose blocks are still allocated in the data file, up to
@@ -91,26 +165,32 @@ fn merge(mut slots: Vec<u64>) -> Vec<Run> {
 }
 
 impl Alloc {
-    /// An allocator where `used` (sorted, deduplicated) are taken and
-    /// everything else below `high` is free (and punched).
-    pub fn rebuild(used: &[u64], high: u64, warm_cap: u64, warm_percent: u64) -> Alloc {
+    /// An allocator where `used` are taken and everything else below
+    /// `high` is free (and punched).
+    pub fn rebuild(used: &SlotSet, high: u64, warm_cap: u64, warm_percent: u64) -> Alloc {
         let mut a = Alloc {
             high,
             warm_cap,
             warm_percent,
             ..Default::default()
         };
-        let mut next = 0;
-        for &s in used {
-            if s > next {
-                a.cold.insert(next, s - next);
-            }
-            next = s + 1;
-        }
-        if high > next {
-            a.cold.insert(next, high - next);
+        for (s, l) in used.gaps(high) {
+            a.cold.insert(s, l);
         }
         a
+    }
+
+    /// Every free slot, as runs.
+    pub fn free_ranges(&self) -> Vec<Run> {
+        let mut v: Vec<Run> = self
+            .warm
+            .map
+            .iter()
+            .chain(&self.cold.map)
+            .map(|(&s, &l)| (s, l))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Hands out `n` slots as runs (start, len): warm ones first, then
@@ -205,8 +285,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slot_set_gaps() {
+        let mut u = SlotSet::default();
+        assert_eq!(u.end(), 0);
+        assert_eq!(u.gaps(130), vec![(0, 130)]);
+        for s in (0..64).chain([64, 100, 127, 128, 200]) {
+            u.insert(s);
+        }
+        assert_eq!(u.end(), 201);
+        assert_eq!(u.gaps(129), vec![(65, 35), (101, 26)]);
+        assert_eq!(u.gaps(260), vec![(65, 35), (101, 26), (129, 71), (201, 59)]);
+    }
+
+    #[test]
     fn reserve_grows_with_the_data_stored() {
-        let mut a = Alloc::rebuild(&[], 0, 10, 50);
+        let mut a = Alloc::rebuild(&SlotSet::default(), 0, 10, 50);
         assert_eq!(a.alloc(300), vec![(0, 300)]);
         // 100 of 300 freed: 200 stay in use, so the reserve is 10 + 100.
         for s in 0..100 {
@@ -238,7 +331,12 @@ mod tests {
     #[test]
     fn rebuild_alloc_release() {
         const WARM_SLOTS: u64 = 100;
-        let mut a = Alloc::rebuild(&[1, 2, 5], 8, WARM_SLOTS, 0);
+        let mut used = SlotSet::default();
+        for s in [1, 2, 5] {
+            used.insert(s);
+        }
+        assert_eq!(used.end(), 6);
+        let mut a = Alloc::rebuild(&used, 8, WARM_SLOTS, 0);
         assert_eq!(a.free_slots(), 5);
         assert_eq!(a.alloc(2), vec![(0, 1), (3, 1)]);
         assert_eq!(a.alloc(4), vec![(4, 1), (6, 2), (8, 1)]);

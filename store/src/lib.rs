@@ -172,9 +172,10 @@
 //! versions: ~0.1 byte per 4 KiB written), the change bitmaps (512-byte
 //! chunks per 256 MiB touched per epoch), free-space ranges, and at most
 //! 65 536 remembered fresh slots. Opening reads every page once (to check
-//! it and rebuild the change bitmaps) through the cache, and holds the list
-//! of used data slots (8 bytes per stored block) until the allocator is
-//! built.
+//! it and rebuild the change bitmaps) through the cache, and holds a bitmap
+//! of the data slots in use (one bit per 4 KiB of data file) until the
+//! allocator is built; the open-time punch of free space reuses the
+//! allocator's free ranges instead of reading the pages again.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod alloc;

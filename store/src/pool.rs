@@ -1,7 +1,7 @@
 //! The pool: volumes, their redirect-on-write maps, the journal, checkpoints,
 //! flush and recovery. See the crate doc for the format and the lock table.
 
-use crate::alloc::Alloc;
+use crate::alloc::{Alloc, SlotSet};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
@@ -222,7 +222,7 @@ impl VolState {
     /// At open, one pass over the whole map: counts data entries, collects
     /// the data slots in use into `used`, and rebuilds the change bitmaps
     /// from the entries' births (see the cbt crate).
-    fn open_scan(&mut self, used: &mut Vec<u64>) -> Result<()> {
+    fn open_scan(&mut self, used: &mut SlotSet) -> Result<()> {
         let tracking = self.cbt.enabled();
         let mut t = cbt::Tracker::new(self.cbt.granularity().max(4096));
         let mut data = 0u64;
@@ -244,7 +244,7 @@ impl VolState {
                 prev = Some((b, birth));
                 if let Loc::Data { slot, .. } = l {
                     data += 1;
-                    used.push(slot);
+                    used.insert(slot);
                 }
                 if tracking {
                     t.mark(cbt_epoch(birth), b * B, B);
@@ -514,17 +514,15 @@ impl Pool {
             seq = s;
         }
         let last_jid = replay_journals(&*medium, &*data, journal_id, &mut vols, &mut seq)?;
-        let mut used = Vec::new();
-        for cell in vols.by_id.values() {
-            cell.st.write().open_scan(&mut used)?;
-        }
-        used.sort_unstable();
-        used.dedup();
         let file_slots = data
             .len()
             .map_err(|e| Error::io("cannot stat the data file", e))?
             / B;
-        let high = file_slots.max(used.last().map(|s| s + 1).unwrap_or(0));
+        let mut used = SlotSet::with_capacity(file_slots);
+        for cell in vols.by_id.values() {
+            cell.st.write().open_scan(&mut used)?;
+        }
+        let high = file_slots.max(used.end());
         let alloc = Alloc::rebuild(
             &used,
             high,
@@ -1789,38 +1787,11 @@ impl Inner {
         self.alloc.lock().release_punched(&punch);
     }
 
-    /// Punches the space of every slot nothing references (slots freed
-    /// before a crash never got punched).
+    /// Punches the space of every free slot. Called once at open, before
+    /// anything is allocated, when every free slot is one nothing references
+    /// (slots freed before a crash never got punched).
     fn punch_free_space(&self) {
-        let high = self.alloc.lock().high;
-        let cells: Vec<_> = self.vols.read().by_id.values().cloned().collect();
-        let mut used = Vec::new();
-        for c in cells {
-            let scanned = c.st.read().map.for_each_page(|entries| {
-                for e in entries {
-                    if let Loc::Data { slot, .. } = e.2 {
-                        used.push(slot);
-                    }
-                }
-            });
-            if scanned.is_err() {
-                // Punch nothing rather than something still referenced.
-                return;
-            }
-        }
-        used.sort_unstable();
-        used.dedup();
-        let mut next = 0;
-        let mut ranges = Vec::new();
-        for s in used {
-            if s > next {
-                ranges.push((next, s - next));
-            }
-            next = s + 1;
-        }
-        if high > next {
-            ranges.push((next, high - next));
-        }
+        let ranges = self.alloc.lock().free_ranges();
         for (s, l) in ranges {
             if let Err(e) = self.data.punch_hole(s * B, l * B) {
                 tracing::warn!(error = %e, "cannot punch free space in the data file");
