@@ -171,8 +171,8 @@
 //! directory (about 60 bytes per page, a page per 320–640 mapped block
 //! versions: ~0.1 byte per 4 KiB written), the change bitmaps (512-byte
 //! chunks per 256 MiB touched per epoch), free-space ranges, and at most
-//! 65 536 remembered fresh slots. Opening reads every page once (to check
-//! it and rebuild the change bitmaps) through the cache, and holds a bitmap
+//! 65 536 remembered fresh slots. Opening reads every page to check it,
+//! then again through the cache to rebuild the change bitmaps, and holds a bitmap
 //! of the data slots in use (one bit per 4 KiB of data file) until the
 //! allocator is built; the open-time punch of free space reuses the
 //! allocator's free ranges instead of reading the pages again.
