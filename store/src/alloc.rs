@@ -242,8 +242,9 @@ impl Alloc {
     /// the caller to punch and hand to [`Alloc::release_punched`].
     pub fn release(&mut self, warm: &[Run], cold: &[Run]) -> Vec<Run> {
         let freed: u64 = warm.iter().chain(cold).map(|r| r.1).sum();
-        let used =
-            self.high - self.warm.total - self.cold.total - self.pending.len() as u64 - freed;
+        let used = self
+            .high
+            .saturating_sub(self.warm.total + self.cold.total + self.pending.len() as u64 + freed);
         let cap = self.warm_cap + used * self.warm_percent / 100;
         let mut punch = cold.to_vec();
         for &(s, l) in warm {
