@@ -1446,7 +1446,11 @@ fn replay_journals(
                     }
                     c.st.write().apply_update(birth, &items, &mut freed)?;
                 }
-                Record::Drops { vol, items } => {
+                // Drops were worked out from the map as it was, which may
+                // have held a write this replay just discarded (its data
+                // never reached the medium). Only drops a flush covered are
+                // safe; the open's garbage check redoes the rest.
+                Record::Drops { vol, items } if s <= synced => {
                     if let Some(c) = vols.by_id.get(&vol) {
                         c.st.write().apply_drops(&items, &mut freed)?;
                     }
