@@ -8,51 +8,94 @@
 //! back, pointing at overwritten data) and no reader that might still be
 //! reading it is running (see `Inner::reuse` in pool.rs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// A set of slot ranges, merged on insert.
+/// A set of slot ranges, merged on insert, indexed by start and by length.
 #[derive(Default)]
 struct Ranges {
     /// start → length.
     map: BTreeMap<u64, u64>,
+    /// (length, start) of every range in `map`.
+    by_len: BTreeSet<(u64, u64)>,
     total: u64,
 }
 
 impl Ranges {
+    fn put(&mut self, start: u64, len: u64) {
+        self.map.insert(start, len);
+        self.by_len.insert((len, start));
+    }
+
+    fn cut(&mut self, start: u64) -> Option<u64> {
+        let len = self.map.remove(&start)?;
+        self.by_len.remove(&(len, start));
+        Some(len)
+    }
+
     fn insert(&mut self, start: u64, len: u64) {
         self.total += len;
         let (mut start, mut len) = (start, len);
         if let Some((&ps, &pl)) = self.map.range(..start).next_back() {
             if ps + pl == start {
-                self.map.remove(&ps);
+                self.cut(ps);
                 start = ps;
                 len += pl;
             }
         }
-        if let Some(nl) = self.map.remove(&(start + len)) {
+        if let Some(nl) = self.cut(start + len) {
             len += nl;
         }
-        self.map.insert(start, len);
+        self.put(start, len);
     }
 
     /// Takes up to `n` slots, lowest first, appending runs to `out`;
     /// returns how many it took.
-    fn take(&mut self, n: u64, out: &mut Vec<(u64, u64)>) -> u64 {
+    fn take(&mut self, n: u64, out: &mut Vec<Run>) -> u64 {
         let mut got = 0;
         while got < n {
             let Some((&start, &len)) = self.map.iter().next() else {
                 break;
             };
-            self.map.remove(&start);
+            self.cut(start);
             let take = len.min(n - got);
             if take < len {
-                self.map.insert(start + take, len - take);
+                self.put(start + take, len - take);
             }
             out.push((start, take));
             got += take;
         }
         self.total -= got;
         got
+    }
+
+    /// Takes `n` slots from the largest ranges first (the tail of the last
+    /// one it cuts), appending runs to `out`.
+    fn take_largest(&mut self, n: u64, out: &mut Vec<Run>) {
+        let mut got = 0;
+        while got < n {
+            let Some(&(len, start)) = self.by_len.iter().next_back() else {
+                break;
+            };
+            self.cut(start);
+            let take = len.min(n - got);
+            if take < len {
+                self.put(start, len - take);
+            }
+            out.push((start + len - take, take));
+            got += take;
+        }
+        self.total -= got;
+    }
+
+    /// Takes `n` contiguous slots from the smallest range that holds them.
+    fn take_run(&mut self, n: u64) -> Option<u64> {
+        let &(len, start) = self.by_len.range((n, 0)..).next()?;
+        self.cut(start);
+        if len > n {
+            self.put(start + n, len - n);
+        }
+        self.total -= n;
+        Some(start)
     }
 }
 
@@ -147,6 +190,9 @@ pub struct Alloc {
     pending: Vec<(u64, u64, bool)>,
 }
 
+/// Writes of at least this many blocks get contiguous slots.
+const CONTIGUOUS: u64 = 16;
+
 /// A run of slots: (first, count).
 pub type Run = (u64, u64);
 
@@ -193,9 +239,26 @@ impl Alloc {
         v
     }
 
-    /// Hands out `n` slots as runs (start, len): warm ones first, then
-    /// punched ones, then new ones at the end of the file.
+    /// Hands out `n` slots as runs (start, len). Small requests take warm
+    /// slots first, then punched ones, then new ones at the end of the file;
+    /// large ones one run (see below).
     pub fn alloc(&mut self, n: u64) -> Vec<(u64, u64)> {
+        // A large write gets one run (one pwrite now, one pread later), from
+        // the smallest punched range that holds it, else from the end of
+        // the file. After random overwrites the warm slots are scattered
+        // single blocks, each its own small page-cache folio: filling a
+        // 1 MiB write from them would cut it into hundreds of 4 KiB writes
+        // (measured through NBD after 10 s of 4 KiB random writes: 0.40-0.65
+        // GiB/s from warm slots, 0.8-0.9 GiB/s this way). Warm slots go to
+        // small writes; the reserve's excess is punched largest range first
+        // (`release`), which is what large writes then reuse.
+        if n >= CONTIGUOUS {
+            if let Some(s) = self.cold.take_run(n) {
+                return vec![(s, n)];
+            }
+            self.high += n;
+            return vec![(self.high - n, n)];
+        }
         let mut runs = Vec::new();
         let mut got = self.warm.take(n, &mut runs);
         got += self.cold.take(n - got, &mut runs);
@@ -235,11 +298,13 @@ impl Alloc {
         (merge(warm), merge(cold))
     }
 
-    /// Makes durable-freed ranges reusable. `warm` ranges stay allocated as
-    /// far as the warm reserve (`warm_cap` plus `warm_percent` of the slots
-    /// still in use) has room; the rest, all of `cold`, and whatever the
-    /// reserve holds beyond its (possibly shrunken) size are returned for
-    /// the caller to punch and hand to [`Alloc::release_punched`].
+    /// Makes durable-freed ranges reusable. `warm` ranges join the warm
+    /// reserve; when it holds more than its size (`warm_cap` plus
+    /// `warm_percent` of the slots still in use), the excess is taken from
+    /// its largest ranges: few hole punches, and the scattered single slots
+    /// that small writes can use stay. The excess and all of `cold` are
+    /// returned for the caller to punch and hand to
+    /// [`Alloc::release_punched`].
     pub fn release(&mut self, warm: &[Run], cold: &[Run]) -> Vec<Run> {
         let freed: u64 = warm.iter().chain(cold).map(|r| r.1).sum();
         let used = self
@@ -248,17 +313,10 @@ impl Alloc {
         let cap = self.warm_cap + used * self.warm_percent / 100;
         let mut punch = cold.to_vec();
         for &(s, l) in warm {
-            let room = cap.saturating_sub(self.warm.total).min(l);
-            if room > 0 {
-                self.warm.insert(s, room);
-            }
-            if room < l {
-                punch.push((s + room, l - room));
-            }
+            self.warm.insert(s, l);
         }
-        // Data deleted since the reserve filled up shrinks it.
         if self.warm.total > cap {
-            self.warm.take(self.warm.total - cap, &mut punch);
+            self.warm.take_largest(self.warm.total - cap, &mut punch);
         }
         punch
     }
@@ -286,6 +344,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn large_writes_get_one_run() {
+        // Free: every other slot below 100, and 40..60 whole.
+        let mut used = SlotSet::default();
+        for s in (0..100).step_by(2).filter(|s| !(40..60).contains(s)) {
+            used.insert(s);
+        }
+        let mut a = Alloc::rebuild(&used, 100, 0, 0);
+        // Best fit: the free range 39..60 (21 slots).
+        assert_eq!(a.alloc(16), vec![(39, 16)]);
+        // Nothing free holds 16 more: the file grows.
+        assert_eq!(a.alloc(16), vec![(100, 16)]);
+        assert_eq!(a.high, 116);
+        // Small writes take scattered slots, lowest first.
+        assert_eq!(a.alloc(3), vec![(1, 1), (3, 1), (5, 1)]);
+        assert_eq!(a.free_slots(), 60 - 16 - 3);
+        // Warm slots, even a long run of them, are left to small writes.
+        let run = a.alloc(20);
+        assert_eq!(run, vec![(116, 20)]);
+        for s in 116..136 {
+            a.defer(1, s, true);
+        }
+        let (warm, _) = a.take_durable(1);
+        a.warm_cap = 100;
+        assert!(a.release(&warm, &[]).is_empty());
+        assert_eq!(a.alloc(16), vec![(136, 16)]);
+        assert_eq!(a.alloc(2), vec![(116, 2)]);
+    }
+
+    #[test]
     fn slot_set_gaps() {
         let mut u = SlotSet::default();
         assert_eq!(u.end(), 0);
@@ -309,14 +396,15 @@ mod tests {
         let (warm, cold) = a.take_durable(1);
         assert!(cold.is_empty());
         assert!(a.release(&warm, &[]).is_empty());
-        // 150 more freed: 50 in use, the reserve shrinks to 10 + 25 = 35, so
-        // all 150 are punched and so are 65 of the 100 kept before.
+        // 150 more freed: 50 in use, the reserve shrinks to 10 + 25 = 35;
+        // the freed slots join the 100 kept before (one range, 0..250) and
+        // its tail goes.
         for s in 100..250 {
             a.defer(2, s, true);
         }
         let (warm, _) = a.take_durable(2);
         let punch = a.release(&warm, &[]);
-        assert_eq!(punch, vec![(100, 150), (0, 65)]);
+        assert_eq!(punch, vec![(35, 215)]);
         a.release_punched(&punch);
         // Trims and deletions always give space back: 40 of the last 50
         // go, 10 stay in use, and the reserve shrinks to 15.
@@ -325,7 +413,7 @@ mod tests {
         }
         let (warm, cold) = a.take_durable(3);
         assert!(warm.is_empty());
-        assert_eq!(a.release(&warm, &cold), vec![(250, 40), (65, 20)]);
+        assert_eq!(a.release(&warm, &cold), vec![(250, 40), (15, 20)]);
         assert_eq!(a.free_slots(), 15 + 215);
     }
 
