@@ -51,9 +51,13 @@
 //! it reads every page anyway, and finishes the job before it returns.
 //! Trim and write-zeroes are map-only: `Hole` (deallocated) and `Zero`
 //! (allocated zeros, for NO_HOLE, which provisions never-written blocks too) entries take no data space; all-zero block
-//! writes are stored as `Zero` too. Freed slots are punched out of the data
-//! file (`fallocate(PUNCH_HOLE)`) before reuse, so disk usage follows the
-//! live data.
+//! writes are stored as `Zero` too. Slots freed by trims and deletions are
+//! punched out of the data file (`fallocate(PUNCH_HOLE)`) at once; slots
+//! freed by overwrites stay allocated as a reuse reserve (64 MiB plus 6% of
+//! the data stored, `PoolOptions::reuse_reserve_*`) for small writes, and
+//! its excess is punched largest range first; so disk usage follows the live
+//! data. Writes of 16 blocks or more get one contiguous run (a punched range
+//! that fits, or the end of the file), small ones the scattered slots.
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |
