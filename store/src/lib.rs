@@ -111,8 +111,8 @@
 //!   durable: an update among them is kept only if its data block is on the
 //!   medium with the right CRC, so a power loss that kept a record but not its
 //!   data loses that (unacknowledged) write instead of corrupting the block;
-//!   and garbage drops among them are skipped, since they may rest on such a
-//!   lost write (the open's garbage check redoes those that still hold).
+//!   and a garbage drop among them is applied only if the replayed map still
+//!   makes that entry garbage, since it may rest on such a lost write.
 //!   Then a new checkpoint is written and a fresh journal started.
 //! * Overwrite in place: a whole-block head write whose blocks are all born in
 //!   the current epoch and were written by records that no flush or
