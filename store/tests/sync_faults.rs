@@ -46,7 +46,7 @@ fn lost_in(h: &store::Volume, bases: &[u8]) -> Vec<String> {
 /// `ok_left` more succeed, then every one fails; `cut` turns the next one
 /// (`cut_at`: the n-th next one) into a power cut (the medium as it is
 /// durably is kept aside, and the call fails). The meta file drops writes
-/// while `dropping` (see [`DroppingFile`]). `cut_data_sync` turns the data
+/// while `dropping` (see [`Fault::DropWrites`]). `cut_data_sync` turns the data
 /// file's next sync into a power cut that keeps every journal write made so
 /// far (the kernel wrote them back) but no unsynced data write.
 #[derive(Default)]
@@ -65,20 +65,19 @@ struct Faults {
 impl Medium for Faults {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
         let f = self.m.open(name, create)?;
-        match name {
-            "meta" => Ok(Arc::new(DroppingFile {
-                f,
+        let fault = match name {
+            "meta" => Fault::DropWrites {
                 dropping: self.dropping.clone(),
                 owe_error: AtomicBool::new(false),
-            })),
-            "data" => Ok(Arc::new(CutDataFile {
-                f,
+            },
+            "data" => Fault::CutAtSync {
                 m: self.m.clone(),
                 armed: self.cut_data_sync.clone(),
                 after_cut: self.after_cut.clone(),
-            })),
-            _ => Ok(f),
-        }
+            },
+            _ => return Ok(f),
+        };
+        Ok(Arc::new(FaultFile { f, fault }))
     }
     fn exists(&self, name: &str) -> bool {
         self.m.exists(name)
@@ -152,61 +151,70 @@ fn a_root_renamed_but_not_dir_synced_is_made_durable_at_open() {
     assert!(pool.verify().unwrap().damaged.is_empty());
 }
 
-/// The data file: a power cut at its sync when `armed` (see [`Faults`]).
-struct CutDataFile {
-    f: Arc<dyn MediumFile>,
-    m: MemMedium,
-    armed: Arc<AtomicBool>,
-    after_cut: Arc<Mutex<Option<MemMedium>>>,
+/// What a [`FaultFile`] does wrong.
+enum Fault {
+    /// The meta file: while `dropping`, writes are lost (writeback failed)
+    /// and the next sync reports EIO, once.
+    DropWrites {
+        dropping: Arc<AtomicBool>,
+        owe_error: AtomicBool,
+    },
+    /// The data file: a power cut at its sync when `armed` (see
+    /// [`Faults`]).
+    CutAtSync {
+        m: MemMedium,
+        armed: Arc<AtomicBool>,
+        after_cut: Arc<Mutex<Option<MemMedium>>>,
+    },
 }
 
-impl MediumFile for CutDataFile {
+struct FaultFile {
+    f: Arc<dyn MediumFile>,
+    fault: Fault,
+}
+
+impl MediumFile for FaultFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.f.read_at(buf, off)
     }
     fn write_at(&self, d: &[u8], off: u64) -> io::Result<()> {
-        self.f.write_at(d, off)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            *self.after_cut.lock() = Some(self.m.crash(|name, _| name.starts_with("journal")));
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.f.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.f.len()
-    }
-    fn set_len(&self, l: u64) -> io::Result<()> {
-        self.f.set_len(l)
-    }
-    fn punch_hole(&self, o: u64, l: u64) -> io::Result<()> {
-        self.f.punch_hole(o, l)
-    }
-}
-
-/// The meta file: while `dropping`, writes are lost (writeback failed) and
-/// the next sync reports EIO, once.
-struct DroppingFile {
-    f: Arc<dyn MediumFile>,
-    dropping: Arc<AtomicBool>,
-    owe_error: AtomicBool,
-}
-
-impl MediumFile for DroppingFile {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.f.read_at(buf, off)
-    }
-    fn write_at(&self, d: &[u8], off: u64) -> io::Result<()> {
-        if self.dropping.load(Ordering::SeqCst) {
-            self.owe_error.store(true, Ordering::SeqCst);
-            return Ok(());
+        if let Fault::DropWrites {
+            dropping,
+            owe_error,
+        } = &self.fault
+        {
+            if dropping.load(Ordering::SeqCst) {
+                owe_error.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
         }
         self.f.write_at(d, off)
     }
     fn sync_data(&self) -> io::Result<()> {
-        if self.owe_error.swap(false, Ordering::SeqCst) {
-            self.dropping.store(false, Ordering::SeqCst);
+        let fail = match &self.fault {
+            Fault::DropWrites {
+                dropping,
+                owe_error,
+            } => {
+                let owed = owe_error.swap(false, Ordering::SeqCst);
+                if owed {
+                    dropping.store(false, Ordering::SeqCst);
+                }
+                owed
+            }
+            Fault::CutAtSync {
+                m,
+                armed,
+                after_cut,
+            } => {
+                let cut = armed.swap(false, Ordering::SeqCst);
+                if cut {
+                    *after_cut.lock() = Some(m.crash(|name, _| name.starts_with("journal")));
+                }
+                cut
+            }
+        };
+        if fail {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.f.sync_data()
