@@ -501,7 +501,7 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
         "Volumes in the pool.",
     );
     let _ = writeln!(out, "snapgate_volumes {}", volumes.len());
-    let pool_metrics: [(&str, &str, &str, u64); 5] = [
+    let pool_metrics: [(&str, &str, &str, u64); 6] = [
         (
             "snapgate_map_pages",
             "gauge",
@@ -531,6 +531,12 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
             "gauge",
             "Bytes in the current metadata journal.",
             stats.journal_bytes,
+        ),
+        (
+            "snapgate_gc_pending_volumes",
+            "gauge",
+            "Volumes whose deleted snapshots' space is still being reclaimed in the background.",
+            stats.gc_pending_volumes,
         ),
     ];
     for (name, kind, help, value) in pool_metrics {

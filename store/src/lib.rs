@@ -46,9 +46,13 @@
 //! blocks, each under the volume lock for that page only and journaled as
 //! its own `Drops` record, with a checkpoint whenever changed pages pass
 //! their memory budget; so the volume keeps serving I/O meanwhile, and
-//! neither memory nor a journal frame grows with the volume. A crash
-//! between batches leaves entries nothing sees: opening notices them while
-//! it reads every page anyway, and finishes the job before it returns.
+//! neither memory nor a journal frame grows with the volume. The deletion
+//! runs the batches itself for up to `PoolOptions::gc_foreground` (5 s),
+//! then leaves the rest to a background thread; the volume's `gc_from`
+//! cursor says where collection stands, so the two share the work and a
+//! second deletion restarts it from block 0. A crash between batches
+//! leaves entries nothing sees: opening notices them while it reads every
+//! page anyway, and collects them the same way.
 //! Trim and write-zeroes are map-only: `Hole` (deallocated) and `Zero`
 //! (allocated zeros, for NO_HOLE, which provisions never-written blocks too) entries take no data space; all-zero block
 //! writes are stored as `Zero` too. Slots freed by trims and deletions are
@@ -233,6 +237,12 @@ pub struct PoolOptions {
     pub map_cache_bytes: u64,
     /// Most entries in a map page (4 ..= 640; smaller only in tests).
     pub map_page_entries: usize,
+    /// How long deleting a snapshot may spend collecting the garbage it
+    /// leaves before it returns and a background thread finishes the job
+    /// ([`crate::Pool::reclaim_space`] waits for it). Small volumes finish
+    /// well within it; a deletion on a volume with terabytes of map does
+    /// not hold its caller for minutes.
+    pub gc_foreground: std::time::Duration,
 }
 
 impl Default for PoolOptions {
@@ -243,6 +253,7 @@ impl Default for PoolOptions {
             reuse_reserve_percent: 6,
             map_cache_bytes: 64 << 20,
             map_page_entries: pages::PAGE_MAX,
+            gc_foreground: std::time::Duration::from_secs(5),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const B: u64 = BLOCK as u64;
 const DATA_FILE: &str = "data";
@@ -105,8 +105,11 @@ pub(crate) struct VolState {
     /// (first, last, upto): blocks whose map entries born up to epoch `upto`
     /// were lost with a damaged map page.
     pub damaged: Vec<(u64, u64, u32)>,
-    /// The map holds entries no view sees (found at open).
-    pub gc_needed: bool,
+    /// Garbage collection still to do: from this block on, the map may
+    /// hold entries no view sees (a snapshot was deleted, or open found
+    /// such entries). Collectors advance it batch by batch; a deletion
+    /// sets it back to 0.
+    pub gc_from: Option<u64>,
 }
 
 impl VolState {
@@ -252,7 +255,7 @@ impl VolState {
             }
         })?;
         self.data_entries = data;
-        self.gc_needed = garbage;
+        self.gc_from = garbage.then_some(0);
         if !tracking {
             return Ok(());
         }
@@ -422,7 +425,9 @@ pub(crate) struct Inner {
     flush: Mutex<FlushState>,
     data_dirty: AtomicBool,
     opts: PoolOptions,
-    flusher: Arc<Flusher>,
+    flusher: Arc<Bell>,
+    /// Rung when a garbage collection is left for the background.
+    collector: Arc<Bell>,
     /// In-place overwrites hold it shared (try-lock: they fall back to
     /// redirect-on-write when it is taken) from their check until their
     /// record is applied; flush and checkpoint take it exclusively to
@@ -446,15 +451,13 @@ const FRESH_MAX: usize = 1 << 16;
 pub struct Pool {
     inner: Arc<Inner>,
     flusher: Option<std::thread::JoinHandle<()>>,
+    collector: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.inner.flusher.stop.store(true, Ordering::Release);
-        self.inner.flusher.cv.notify_one();
-        if let Some(t) = self.flusher.take() {
-            let _ = t.join();
-        }
+        self.inner.collector.stop(self.collector.take());
+        self.inner.flusher.stop(self.flusher.take());
     }
 }
 
@@ -579,7 +582,8 @@ impl Pool {
             }),
             data_dirty: AtomicBool::new(false),
             opts,
-            flusher: Arc::new(Flusher::default()),
+            flusher: Arc::new(Bell::default()),
+            collector: Arc::new(Bell::default()),
             inplace: RwLock::new(()),
             captured: AtomicU64::new(seq),
             fresh: Mutex::new(HashMap::new()),
@@ -589,22 +593,23 @@ impl Pool {
             let mut fs = inner.flush.lock();
             inner.checkpoint(&mut fs)?;
         }
-        // Finish snapshot deletions a crash cut short, and make the drops
-        // durable before the space they free is punched.
+        // Finish snapshot deletions a crash cut short (in the background
+        // past the foreground time), and make the drops durable before the
+        // space they free is punched. Garbage costs space, not correctness:
+        // a volume whose map cannot be read whole still opens (its reads
+        // report the damage).
         let unfinished: Vec<Arc<VolCell>> = inner
             .vols
             .read()
             .by_id
             .values()
-            .filter(|c| c.st.read().gc_needed)
+            .filter(|c| c.st.read().gc_from.is_some())
             .cloned()
             .collect();
+        let until = Instant::now() + inner.opts.gc_foreground;
+        let mut left = false;
         for cell in &unfinished {
-            // Garbage costs space, not correctness: a volume whose map
-            // cannot be read whole still opens (its reads report the damage).
-            if let Err(e) = inner.collect_garbage(cell) {
-                tracing::warn!(volume = %cell.name, error = %e, "cannot finish an interrupted snapshot deletion; its space stays in use");
-            }
+            left |= !inner.reclaim(cell, Some(until)).1;
         }
         if !unfinished.is_empty() {
             inner.flush_all()?;
@@ -612,7 +617,15 @@ impl Pool {
         // Punch the space of slots nothing references (freed before a crash).
         inner.punch_free_space();
         let flusher = start_flusher(&inner);
-        Ok(Arc::new(Pool { inner, flusher }))
+        let collector = start_collector(&inner);
+        if left {
+            inner.collector.ring();
+        }
+        Ok(Arc::new(Pool {
+            inner,
+            flusher,
+            collector,
+        }))
     }
 
     fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
@@ -829,13 +842,20 @@ impl Pool {
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<()> {
         let cell = self.cell(volume)?;
         let seq = self.unlist_snapshot(&cell, volume, name)?;
-        // The snapshot is gone; now the entries only it saw, in batches.
+        // The snapshot is gone; now the entries only it saw, in batches,
+        // here for up to `gc_foreground`, then in the background.
         // Failing that costs space, not data: the next open tries again.
-        let last = self.inner.collect_garbage(&cell).unwrap_or_else(|e| {
-            tracing::warn!(volume, snapshot = name, error = %e, "snapshot deleted, but not all of its space could be reclaimed");
-            0
-        });
-        self.inner.flush_upto(seq.max(last))
+        let inner = &self.inner;
+        let until = inner
+            .collector
+            .alive
+            .load(Ordering::Acquire)
+            .then(|| Instant::now() + inner.opts.gc_foreground);
+        let (last, done) = inner.reclaim(&cell, until);
+        if !done {
+            inner.collector.ring();
+        }
+        inner.flush_upto(seq.max(last))
     }
 
     /// Journals a snapshot's removal and takes it off the volume's list
@@ -853,6 +873,7 @@ impl Pool {
         st.snaps.remove(&epoch);
         let into = st.cbt_epoch(epoch);
         st.cbt.merge(epoch, into);
+        st.gc_from = Some(0);
         Ok(seq)
     }
 
@@ -992,6 +1013,14 @@ impl Pool {
         Ok(report)
     }
 
+    /// Finishes the garbage collection of every snapshot deletion so far
+    /// in the calling thread (helping the background collector), then
+    /// flushes, so the space they freed is given back.
+    pub fn reclaim_space(&self) -> Result<()> {
+        self.inner.collect_all()?;
+        self.inner.flush_all()
+    }
+
     /// Counters for tests and metrics.
     pub fn stats(&self) -> PoolStats {
         let a = self.inner.alloc.lock();
@@ -1003,6 +1032,10 @@ impl Pool {
         drop(a);
         let cells: Vec<_> = self.inner.vols.read().by_id.values().cloned().collect();
         let map_pages = cells.iter().map(|c| c.st.read().map.pages() as u64).sum();
+        let gc_pending_volumes = cells
+            .iter()
+            .filter(|c| c.st.read().gc_from.is_some())
+            .count() as u64;
         let p = &self.inner.pages;
         let (meta_slots_used, meta_slots_high) = p.slots();
         PoolStats {
@@ -1016,6 +1049,7 @@ impl Pool {
             map_page_loads: p.loads.load(Ordering::Relaxed),
             meta_slots_used,
             meta_slots_high,
+            gc_pending_volumes,
         }
     }
 }
@@ -1043,6 +1077,8 @@ pub struct PoolStats {
     /// and its extent in slots.
     pub meta_slots_used: u64,
     pub meta_slots_high: u64,
+    /// Volumes with garbage collection of deleted snapshots still to do.
+    pub gc_pending_volumes: u64,
 }
 
 fn info_of(c: &VolCell) -> VolumeInfo {
@@ -1093,7 +1129,7 @@ fn apply_vol_record(vols: &mut Vols, rec: &Record) {
                 data_entries: 0,
                 deleted: false,
                 damaged: Vec::new(),
-                gc_needed: false,
+                gc_from: None,
                 cbt: match *cbt_shift {
                     0 => cbt::Tracker::disabled(),
                     s => cbt::Tracker::new(1u64 << s.clamp(9, 40)),
@@ -1604,12 +1640,69 @@ const PENDING_FLUSH_SLOTS: usize = (128 << 20) / BLOCK;
 /// like a filesystem's periodic commit.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The background flusher's doorbell.
+/// A background thread's doorbell.
 #[derive(Default)]
-struct Flusher {
+struct Bell {
     wake: Mutex<bool>,
     cv: parking_lot::Condvar,
     stop: AtomicBool,
+    /// The thread is running.
+    alive: AtomicBool,
+}
+
+impl Bell {
+    fn ring(&self) {
+        *self.wake.lock() = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits until rung, stopped, or `timeout` passes.
+    fn wait(&self, timeout: std::time::Duration) {
+        let mut wake = self.wake.lock();
+        if !*wake && !self.stop.load(Ordering::Acquire) {
+            self.cv.wait_for(&mut wake, timeout);
+        }
+        *wake = false;
+    }
+
+    fn stop(&self, thread: Option<std::thread::JoinHandle<()>>) {
+        self.stop.store(true, Ordering::Release);
+        self.ring();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the thread that finishes the garbage collections snapshot
+/// deletions leave when they run out of their foreground time; it ends
+/// when the [`Pool`] is dropped.
+fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+    let weak = Arc::downgrade(inner);
+    let bell = Arc::clone(&inner.collector);
+    let spawned = std::thread::Builder::new()
+        .name("snapgate-gc".into())
+        .spawn(move || {
+            while !bell.stop.load(Ordering::Acquire) {
+                bell.wait(std::time::Duration::from_secs(1));
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = inner.collect_all() {
+                    tracing::warn!(error = %e, "flush after garbage collection failed");
+                }
+            }
+        });
+    match spawned {
+        Ok(t) => {
+            inner.collector.alive.store(true, Ordering::Release);
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the garbage collector thread; snapshot deletions collect in the foreground");
+            None
+        }
+    }
 }
 
 /// Starts the thread that flushes when freed space piles up and every
@@ -1622,14 +1715,7 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
         .spawn(move || {
             let mut last = std::time::Instant::now();
             while !bell.stop.load(Ordering::Acquire) {
-                {
-                    let mut wake = bell.wake.lock();
-                    if !*wake && !bell.stop.load(Ordering::Acquire) {
-                        bell.cv
-                            .wait_for(&mut wake, std::time::Duration::from_millis(200));
-                    }
-                    *wake = false;
-                }
+                bell.wait(std::time::Duration::from_millis(200));
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
@@ -1674,8 +1760,7 @@ impl Inner {
     }
 
     fn ring(&self) {
-        *self.flusher.wake.lock() = true;
-        self.flusher.cv.notify_one();
+        self.flusher.ring();
     }
 
     fn cell(&self, name: &str) -> Result<Arc<VolCell>> {
@@ -1759,25 +1844,28 @@ impl Inner {
         upto
     }
 
-    /// Drops the map entries of `cell` that no view sees any more (see
-    /// `VolState::garbage`), one map page's worth of blocks at a time: each
-    /// batch holds the volume lock only for its own page, journals one
-    /// `Drops` record, and writes changed pages out through a checkpoint
-    /// when they pass their memory budget, so neither the lock, the memory
-    /// nor a journal frame grows with the volume. Returns the last record's
-    /// sequence number (0 when nothing was dropped). Freed slots are given
-    /// back once that record is durable.
-    fn collect_garbage(&self, cell: &Arc<VolCell>) -> Result<u64> {
+    /// Drops the entries no view sees, from the volume's `gc_from` on, one
+    /// map page's worth of blocks per batch: each batch holds the volume
+    /// lock for that page only, is journaled as one `Drops` record and
+    /// advances `gc_from`, so collectors running at once share the work and
+    /// a deletion meanwhile restarts it. Returns the last record's sequence
+    /// number and whether the collection got to the end; it stops early,
+    /// after at least one batch, once `until` has passed or the pool is
+    /// closing.
+    fn collect_garbage(&self, cell: &Arc<VolCell>, until: Option<Instant>) -> Result<(u64, bool)> {
         let mut last = 0;
-        let mut cursor = 0;
         loop {
             let mut st = cell.st.write();
-            if st.deleted {
-                return Ok(last);
-            }
+            let cursor = match st.gc_from {
+                Some(c) if !st.deleted => c,
+                _ => return Ok((last, true)),
+            };
             let end = st.map.batch_end(cursor);
             let drops = st.garbage(cursor, end.unwrap_or(u64::MAX))?;
-            if !drops.is_empty() {
+            if drops.is_empty() {
+                st.gc_from = end;
+                drop(st);
+            } else {
                 for &k in &drops {
                     st.map.prepare(k, k)?;
                 }
@@ -1787,6 +1875,7 @@ impl Inner {
                 })?;
                 let mut freed = Vec::new();
                 st.apply_drops(&drops, &mut freed)?;
+                st.gc_from = end;
                 drop(st);
                 let pending = {
                     let mut a = self.alloc.lock();
@@ -1799,17 +1888,50 @@ impl Inner {
                 if self.pages.dirty_over() {
                     self.flush_inner(last, true)?;
                 }
-            } else {
-                drop(st);
             }
-            match end {
-                Some(e) => cursor = e,
-                None => {
-                    cell.st.write().gc_needed = false;
-                    return Ok(last);
-                }
+            if end.is_none() {
+                return Ok((last, true));
+            }
+            if self.collector.stop.load(Ordering::Acquire)
+                || until.is_some_and(|u| Instant::now() >= u)
+            {
+                return Ok((last, false));
             }
         }
+    }
+
+    /// [`Inner::collect_garbage`] with its failure logged: garbage costs
+    /// space, not data, so the volume's collection is given up until the
+    /// next deletion or open.
+    fn reclaim(&self, cell: &Arc<VolCell>, until: Option<Instant>) -> (u64, bool) {
+        match self.collect_garbage(cell, until) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(volume = %cell.name, error = %e, "cannot collect the garbage of deleted snapshots; their space stays in use until the next open");
+                cell.st.write().gc_from = None;
+                (0, true)
+            }
+        }
+    }
+
+    /// Runs every pending collection to its end (or until the pool
+    /// closes), then flushes so the space freed is given back.
+    fn collect_all(&self) -> Result<()> {
+        let cells: Vec<Arc<VolCell>> = self
+            .vols
+            .read()
+            .by_id
+            .values()
+            .filter(|c| c.st.read().gc_from.is_some())
+            .cloned()
+            .collect();
+        if cells.is_empty() {
+            return Ok(());
+        }
+        for cell in &cells {
+            self.reclaim(cell, None);
+        }
+        self.flush_all()
     }
 
     /// Frees slots whose dropping records are durable.
@@ -2871,7 +2993,7 @@ mod tests {
         let cell = pool.cell("v").unwrap();
         pool.unlist_snapshot(&cell, "v", "s1").unwrap();
         assert!(
-            pool.inner.collect_garbage(&cell).unwrap() > 0,
+            pool.inner.collect_garbage(&cell, None).unwrap().0 > 0,
             "a Drops record was journaled"
         );
         h.trim(0, BLOCK as u64, false).unwrap();

@@ -1,5 +1,6 @@
 //! Snapshot deletion runs its garbage collection in batches, letting go of
-//! the volume lock between them. Here two writers (writes, FUA writes,
+//! the volume lock between them, and leaves what it has no time for to a
+//! background thread (here: everything after the first batch). Here two writers (writes, FUA writes,
 //! trims) run all the while snapshots are taken and deleted at random, with
 //! map pages of 4 entries and no page cache so that every batch boundary,
 //! page split and reload is crossed; every view is checked against a model
@@ -9,6 +10,7 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use store::{MemMedium, Pool, PoolOptions, BLOCK};
 
 const BLOCKS: u64 = 300;
@@ -47,6 +49,9 @@ fn snapshot_deletions_run_alongside_writes() {
         map_cache_bytes: 0,
         reuse_reserve_bytes: 16 << 10,
         reuse_reserve_percent: 10,
+        // One batch in the foreground, the rest in the background, racing
+        // the writers, the checks and the next deletions.
+        gc_foreground: Duration::ZERO,
     };
     let medium = MemMedium::new();
     let pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
@@ -117,6 +122,16 @@ fn snapshot_deletions_run_alongside_writes() {
         }
         check(pool, "", &m.0);
     };
+    check_all(&pool);
+    // The background collector gets to the end on its own.
+    let t = Instant::now();
+    while pool.stats().gc_pending_volumes > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "background collection never finished"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     check_all(&pool);
     pool.flush().unwrap();
     drop(pool);

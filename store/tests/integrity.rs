@@ -183,6 +183,51 @@ fn allocated(path: &std::path::Path) -> u64 {
 }
 
 #[test]
+fn space_comes_back_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    // Deletion collects one batch (at most 16 map entries) and leaves the
+    // rest, about 500 batches, to the background collector.
+    let opts = PoolOptions {
+        reuse_reserve_bytes: 0,
+        reuse_reserve_percent: 0,
+        map_page_entries: 16,
+        gc_foreground: std::time::Duration::ZERO,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    pool.create_volume("v", 16 << 20).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let write_all = |tag: u8| {
+        for m in 0..16u64 {
+            h.write_at(&vec![tag; 1 << 20], m << 20, false).unwrap();
+        }
+    };
+    write_all(1);
+    pool.create_snapshot("v", "a").unwrap();
+    write_all(2);
+    pool.flush().unwrap();
+    let data = dir.path().join("data");
+    assert!(allocated(&data) >= 32 << 20);
+    pool.delete_snapshot("v", "a").unwrap();
+    // Nothing but the background thread collects and flushes from here.
+    let t = std::time::Instant::now();
+    loop {
+        let (pending, now) = (pool.stats().gc_pending_volumes, allocated(&data));
+        if pending == 0 && now <= (16 << 20) + (1 << 20) {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "space not back: {now} bytes, {pending} volumes to collect"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut buf = vec![0u8; 16 << 20];
+    h.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 2));
+}
+
+#[test]
 fn space_comes_back_after_snapshot_deletion() {
     let dir = tempfile::tempdir().unwrap();
     // No reuse reserve: every freed block is given back at once.

@@ -101,6 +101,9 @@ fn run(ops: Vec<Op>) {
         // splits, evictions, reloads and write-back is exercised.
         map_page_entries: 4,
         map_cache_bytes: 4096,
+        // Deletions collect one batch and leave the rest to the background
+        // collector, which the next operations and reopens race.
+        gc_foreground: std::time::Duration::ZERO,
     };
     let mut pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
     pool.create_volume("v", SIZE).unwrap();
@@ -154,6 +157,7 @@ fn run(ops: Vec<Op>) {
         pool.delete_snapshot("v", &name).unwrap();
     }
     check(&pool, &head, &snaps);
+    pool.reclaim_space().unwrap();
     let info = pool.volume_info("v").unwrap();
     let head_blocks = head
         .chunks(4096)
