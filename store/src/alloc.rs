@@ -197,7 +197,7 @@ const CONTIGUOUS: u64 = 16;
 pub type Run = (u64, u64);
 
 /// Sorted, merged ranges of a set of slots.
-fn merge(mut slots: Vec<u64>) -> Vec<Run> {
+pub(crate) fn merge(mut slots: Vec<u64>) -> Vec<Run> {
     slots.sort_unstable();
     slots.dedup();
     let mut ranges: Vec<(u64, u64)> = Vec::new();

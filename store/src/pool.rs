@@ -1,7 +1,7 @@
 //! The pool: volumes, their redirect-on-write maps, the journal, checkpoints,
 //! flush and recovery. See the crate doc for the format and the lock table.
 
-use crate::alloc::{Alloc, SlotSet};
+use crate::alloc::{merge, Alloc, Run, SlotSet};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
@@ -744,25 +744,29 @@ impl Pool {
         st.data_entries = 0;
         drop(st);
         drop(vols);
+        // Once the deletion is durable its slots are free for good: they
+        // go back in batches as the map is read, not through `pending`,
+        // which would hold every slot of the volume in memory at once.
+        // Readers that located slots before the deletion finish first.
+        self.inner.flush_upto(seq)?;
+        drop(self.inner.reuse.write());
         let mut slots = Vec::new();
         let cleared = map.clear(|l| {
             if let Loc::Data { slot, .. } = l {
                 slots.push(slot);
+                if slots.len() == GIVE_BACK_BATCH {
+                    self.inner.give_back(&[], &merge(std::mem::take(&mut slots)));
+                }
             }
         });
+        self.inner.give_back(&[], &merge(slots));
         drop(map);
-        {
-            let mut a = self.inner.alloc.lock();
-            for slot in slots {
-                a.defer(seq, slot, false);
-            }
-        }
         // A map page that cannot be read leaks its data slots until the
         // next open (which frees whatever no map references).
         if let Err(e) = cleared {
             tracing::error!(volume = name, error = %e, "deleted volume's map is damaged");
         }
-        self.inner.flush_upto(seq)
+        Ok(())
     }
 
     /// Takes a snapshot of the head: O(1), no data is copied.
@@ -1632,6 +1636,9 @@ impl<'a> FrameReader<'a> {
     }
 }
 
+/// A deleted volume's slots go back to the allocator this many at a time.
+const GIVE_BACK_BATCH: usize = 1 << 16;
+
 /// Freed space waiting for a flush beyond this wakes the background flusher:
 /// without it, a client that never flushes would make the data file grow
 /// without bound (freed slots are reusable only once durable).
@@ -1942,7 +1949,14 @@ impl Inner {
         }
         // Wait out readers that may have located these slots before the drop.
         drop(self.reuse.write());
-        let punch = self.alloc.lock().release(&warm, &cold);
+        self.give_back(&warm, &cold);
+    }
+
+    /// Makes freed ranges whose dropping record is durable, and that no
+    /// reader can still be reading, reusable: `warm` ones may stay in the
+    /// reuse reserve, `cold` ones and the reserve's excess are punched.
+    fn give_back(&self, warm: &[Run], cold: &[Run]) {
+        let punch = self.alloc.lock().release(warm, cold);
         if punch.is_empty() {
             return;
         }

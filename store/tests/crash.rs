@@ -44,7 +44,7 @@ fn one_run(seed: u64) {
     let mut snaps: HashMap<String, Vec<u8>> = HashMap::new();
     let steps = rng.gen_range(5..80);
     for step in 0..steps {
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..11) {
             0..=5 => {
                 let off = rng.gen_range(0..SIZE - 1);
                 let len = rng.gen_range(1..=(SIZE - off).min(3 * BLOCK as u64));
@@ -88,6 +88,18 @@ fn one_run(seed: u64) {
                     candidates[b as usize] = vec![block_of(&head, b)];
                 }
             }
+            10 => {
+                // A volume written and deleted: its slots go back at once
+                // and the next writes of `v` reuse them.
+                pool.create_volume("w", SIZE).unwrap();
+                let w = pool.open_head("w").unwrap();
+                for _ in 0..rng.gen_range(1..20) {
+                    let b = rng.gen_range(0..BLOCKS);
+                    w.write_at(&[0xee; BLOCK], b * BLOCK as u64, rng.gen_bool(0.2))
+                        .unwrap();
+                }
+                pool.delete_volume("w").unwrap();
+            }
             _ => {
                 if let Some(name) = snaps.keys().next().cloned() {
                     pool.delete_snapshot("v", &name).unwrap();
@@ -105,6 +117,10 @@ fn one_run(seed: u64) {
     drop(pool);
     let pool = Pool::open_medium(Arc::new(crashed), opts)
         .unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
+    assert!(
+        pool.volume_info("w").is_err(),
+        "seed {seed}: a deleted volume came back"
+    );
     let h = pool.open_head("v").unwrap();
     let mut got = vec![0u8; SIZE as usize];
     h.read_at(&mut got, 0)
