@@ -755,7 +755,8 @@ impl Pool {
             if let Loc::Data { slot, .. } = l {
                 slots.push(slot);
                 if slots.len() == GIVE_BACK_BATCH {
-                    self.inner.give_back(&[], &merge(std::mem::take(&mut slots)));
+                    self.inner
+                        .give_back(&[], &merge(std::mem::take(&mut slots)));
                 }
             }
         });
