@@ -17,6 +17,7 @@ use super::{BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, MAX_PAYLOAD};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// Longest option payload read into memory. Longer ones are drained and
@@ -75,15 +76,21 @@ struct Negotiation<'a, R, W> {
     structured: bool,
     meta: Option<MetaSelection>,
     out: Vec<u8>,
+    /// True once the server is shutting down: options get
+    /// `NBD_REP_ERR_SHUTDOWN` from then on.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Runs the handshake. `Ok(Some)` enters transmission, `Ok(None)` is a
 /// client that aborted; `Err` is a vanished client or a protocol violation
-/// (kind `InvalidData`) that ends the connection.
+/// (kind `InvalidData`) that ends the connection. Once `shutdown` turns
+/// true, every further option but ABORT is refused with
+/// `NBD_REP_ERR_SHUTDOWN` (EXPORT_NAME, which has no error reply, closes).
 pub(super) async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     source: &Arc<dyn ExportSource>,
+    shutdown: watch::Receiver<bool>,
 ) -> io::Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
@@ -109,6 +116,7 @@ where
         structured: false,
         meta: None,
         out,
+        shutdown,
     };
     for _ in 0..MAX_OPTIONS {
         if let Some(end) = n.option().await? {
@@ -158,6 +166,14 @@ where
         }
         let mut payload = vec![0u8; hdr.length as usize];
         self.r.read_exact(&mut payload).await?;
+        if *self.shutdown.borrow() && opt != proto::OPT_ABORT {
+            if opt == proto::OPT_EXPORT_NAME {
+                return Ok(Some(None));
+            }
+            self.reply_error(opt, proto::REP_ERR_SHUTDOWN, "the server is shutting down")
+                .await?;
+            return Ok(None);
+        }
         let option = match proto::parse_option(opt, &payload) {
             Ok(o) => o,
             Err(e) => {

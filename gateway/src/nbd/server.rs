@@ -72,18 +72,33 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
 /// …or this long after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// A client that has not chosen an export this long after connecting is
+/// disconnected, so idle sockets cannot hold every connection slot
+/// (qemu-nbd's default handshake limit is the same).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The NBD server. Cheap to share: `serve_tcp` and `serve_unix` may run at
 /// the same time on one `Arc<Server>`.
 pub struct Server {
     source: Arc<dyn ExportSource>,
     metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
 }
 
 impl Server {
     /// A server that finds exports through `source`.
     pub fn with_source(source: Arc<dyn ExportSource>, metrics: Arc<Metrics>) -> Self {
-        Server { source, metrics }
+        Server {
+            source,
+            metrics,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// Changes how long a client may take to choose an export.
+    pub fn with_handshake_timeout(mut self, limit: Duration) -> Self {
+        self.handshake_timeout = limit;
+        self
     }
 
     /// Serves NBD on an already bound TCP listener until `shutdown` turns
@@ -195,9 +210,25 @@ impl Server {
         self.metrics.connection_opened();
         let _gauge = ConnectionGauge(&self.metrics);
         let mut r = BufReader::with_capacity(256 << 10, r);
+        // At shutdown, negotiation goes on for SHUTDOWN_GRACE, refusing
+        // options with NBD_REP_ERR_SHUTDOWN so the client learns why.
+        let negotiation = tokio::time::timeout(
+            self.handshake_timeout,
+            handshake::negotiate(&mut r, &mut w, &self.source, shutdown.clone()),
+        );
+        let grace = async {
+            wait_shutdown(&mut shutdown).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
         let negotiated = tokio::select! {
-            res = handshake::negotiate(&mut r, &mut w, &self.source) => res,
-            _ = wait_shutdown(&mut shutdown) => {
+            res = negotiation => match res {
+                Ok(res) => res,
+                Err(_) => {
+                    warn!("client chose no export within {:?}: disconnecting", self.handshake_timeout);
+                    return;
+                }
+            },
+            _ = grace => {
                 debug!("closing connection in negotiation: shutting down");
                 return;
             }
@@ -205,7 +236,7 @@ impl Server {
         let session = match negotiated {
             Ok(Some(s)) => s,
             Ok(None) => {
-                debug!("client aborted negotiation");
+                debug!("negotiation ended without an export");
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -576,8 +607,11 @@ async fn transmission<R, W>(
     // SHUTDOWN_QUIET (or SHUTDOWN_GRACE passed), so no request is left
     // without an answer on a healthy connection.
     let mut closing: Option<Instant> = None;
+    // The header is read piecewise with the cancel-safe `read`, so a branch
+    // below that wins while a header is half-received loses no bytes.
+    let mut hdr = [0u8; proto::REQUEST_LEN];
+    let mut have = 0;
     let end = loop {
-        let mut hdr = [0u8; proto::REQUEST_LEN];
         let quiet = match closing {
             None => Duration::from_secs(86400),
             Some(t) => SHUTDOWN_QUIET.min(SHUTDOWN_GRACE.saturating_sub(t.elapsed())),
@@ -590,9 +624,16 @@ async fn transmission<R, W>(
             }
             _ = tx.closed() => break End::WriterGone,
             _ = tokio::time::sleep(quiet), if closing.is_some() => break End::Shutdown,
-            res = r.read_exact(&mut hdr) => match res {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break End::Eof,
+            res = r.read(&mut hdr[have..]) => match res {
+                Ok(0) if have == 0 => break End::Eof,
+                Ok(0) => break End::Io(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    have += n;
+                    if have < hdr.len() {
+                        continue;
+                    }
+                    have = 0;
+                }
                 Err(e) => break End::Io(e),
             },
         }

@@ -1168,6 +1168,87 @@ async fn shutdown_drains_in_flight_requests() {
 }
 
 #[tokio::test]
+async fn a_request_header_split_around_shutdown_is_answered() {
+    let t = start().await;
+    let mut c = attach(t.addr, "disk").await;
+    let mut hdr = Vec::new();
+    let req = |cookie| Request {
+        flags: 0,
+        command: Command::Read,
+        cookie,
+        offset: 4096,
+        length: 512,
+    };
+    proto::encode_request(&mut hdr, &req(7));
+    proto::encode_request(&mut hdr, &req(8));
+    c.reads.insert(7, 512);
+    c.reads.insert(8, 512);
+    // Ten bytes of the first header, shutdown, then the rest.
+    c.s.write_all(&hdr[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.s.write_all(&hdr[10..]).await.unwrap();
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let r = c.reply().await;
+        assert_eq!(r.errno(), Some(Errno::Shutdown), "{r:?}");
+        cookies.push(r.cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, [7, 8]);
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn options_during_shutdown_get_err_shutdown() {
+    let t = start().await;
+    let mut c = connect(t.addr).await;
+    assert_eq!(
+        c.option(proto::OPT_LIST, &[]).await.last().unwrap().0,
+        proto::REP_ACK
+    );
+    t.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        c.option(proto::OPT_LIST, &[]).await,
+        vec![(
+            proto::REP_ERR_SHUTDOWN,
+            b"the server is shutting down".to_vec()
+        )]
+    );
+    assert_eq!(c.go("disk").await, Err(proto::REP_ERR_SHUTDOWN));
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_negotiates_is_disconnected() {
+    let (src, _) = source();
+    let server = Server::with_source(src, Arc::new(Metrics::new()))
+        .with_handshake_timeout(Duration::from_millis(300));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, rx) = watch::channel(false);
+    tokio::spawn(Arc::new(server).serve_tcp(listener, rx));
+    // Silent after the greeting, and silent after the client flags.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    read_n(&mut silent, proto::GREETING_LEN).await;
+    let mut idle = connect(addr).await;
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b))
+        .await
+        .expect("silent client not disconnected")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    idle.expect_closed().await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // A client that gets on with it is served.
+    let mut c = attach(addr, "disk").await;
+    assert_eq!(c.read(0, 4).await.len(), 4);
+}
+
+#[tokio::test]
 async fn serves_unix_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
