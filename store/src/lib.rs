@@ -117,6 +117,9 @@
 //!   data loses that (unacknowledged) write instead of corrupting the block;
 //!   and a garbage drop among them is applied only if the replayed map still
 //!   makes that entry garbage, since it may rest on such a lost write.
+//!   A torn tail is cut off the journal (and synced) before anything else:
+//!   a journal followed by a later one counts as synced whole, so a tear
+//!   there is damage, and this open is about to create the next journal.
 //!   Then a new checkpoint is written and a fresh journal started.
 //! * Overwrite in place: a whole-block head write whose blocks are all born in
 //!   the current epoch and were written by records that no flush or
@@ -129,8 +132,11 @@
 //!   so no in-place write straddles a capture; taking a snapshot waits for
 //!   in-place writes too, so no snapshot ever sees a slot change. A reader
 //!   that meets a checksum mismatch waits for in-place writes in progress
-//!   and reads again before calling it damage. Without this, every
-//!   overwrite between flushes would take a new slot.
+//!   and reads again before calling it damage (except the read of a
+//!   partial-block write, whose stripe lock already keeps them off). An
+//!   in-place write that fails part-way makes every later flush fail: its
+//!   slot's unflushed record must never become durable. Without in-place
+//!   overwrites, every overwrite between flushes would take a new slot.
 //! * A background thread flushes every 5 s, and as soon as 128 MiB of freed
 //!   slots wait for a flush: a client that never flushes would otherwise
 //!   grow the data file without bound.

@@ -439,6 +439,9 @@ pub(crate) struct Inner {
     /// Slot → sequence number of the record that last wrote it, for slots
     /// written since the last capture (bounded; pruned at capture).
     fresh: Mutex<HashMap<u64, u64>>,
+    /// Set (with the error) when an in-place overwrite failed part-way:
+    /// every later flush fails (see `overwrite_in_place`).
+    torn: Mutex<Option<String>>,
     /// The map pages' file and cache.
     pages: Arc<PageStore>,
 }
@@ -587,6 +590,7 @@ impl Pool {
             inplace: RwLock::new(()),
             captured: AtomicU64::new(seq),
             fresh: Mutex::new(HashMap::new()),
+            torn: Mutex::new(None),
             pages,
         });
         {
@@ -1419,7 +1423,13 @@ fn replay_journals(
                     medium.describe()
                 )));
             }
-            // Nothing after a torn frame was acknowledged as durable.
+            // Nothing after a torn frame was acknowledged as durable. Cut
+            // it off for good before this open creates the next journal,
+            // which would otherwise make the tear look like damage to an
+            // open after this one is cut short.
+            f.set_len(off)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| Error::io("cannot cut the torn tail off a journal", e))?;
             break;
         }
     }
@@ -1818,6 +1828,7 @@ impl Inner {
         // Capture before syncing data: every record ≤ upto had its data
         // written before it was appended, so before this point.
         let upto = self.capture();
+        self.check_torn()?;
         if self.data_dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.data.sync_data() {
                 self.data_dirty.store(true, Ordering::Release);
@@ -1838,6 +1849,18 @@ impl Inner {
         }
         self.release_durable(upto);
         Ok(())
+    }
+
+    /// Fails once an in-place overwrite has failed: called after a capture,
+    /// whose exclusive `inplace` every in-place writer has left by then.
+    fn check_torn(&self) -> Result<()> {
+        match &*self.torn.lock() {
+            Some(why) => Err(Error::new(
+                ErrorKind::Io,
+                format!("an in-place overwrite failed ({why}), so the data of writes not yet flushed may be damaged"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Takes the sequence number a flush or checkpoint will make durable.
@@ -1985,6 +2008,7 @@ impl Inner {
     /// new journal. Called with the flush lock held.
     fn checkpoint(&self, fs: &mut FlushState) -> Result<()> {
         let inplace = self.inplace.write();
+        self.check_torn()?;
         let vols = self.vols.write();
         let mut cells: Vec<Arc<VolCell>> = vols.by_id.values().cloned().collect();
         cells.sort_by_key(|c| c.id);
@@ -2290,10 +2314,16 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset`. Every stored block is checked
     /// against its checksum; a mismatch is an error, never data.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_retrying(buf, offset, 2)
+    }
+
+    /// `read_at`, reading again up to `retries` times after a checksum
+    /// mismatch once in-place overwrites in progress are done.
+    fn read_retrying(&self, buf: &mut [u8], offset: u64, retries: u32) -> Result<()> {
         let mut tries = 0;
         loop {
             match self.read_once(buf, offset) {
-                Err(e) if e.kind() == ErrorKind::Corruption && tries < 2 => {
+                Err(e) if e.kind() == ErrorKind::Corruption && tries < retries => {
                     // Maybe a block overwritten in place while we read it:
                     // wait for overwrites in progress, then read again.
                     tries += 1;
@@ -2486,7 +2516,11 @@ impl Volume {
             drop(st);
             // The block may reach past a size that is not block-aligned.
             let valid = (size - b * B).min(B) as usize;
-            self.read_at(&mut blk[..valid], b * B)?;
+            // No in-place overwrite of this block can be under way: they
+            // take its stripe, which is held here. So a mismatch is damage,
+            // with nothing to wait for (waiting for `inplace` here would
+            // deadlock with an overwrite holding it and wanting this stripe).
+            self.read_retrying(&mut blk[..valid], b * B, 0)?;
         }
         match data {
             Some(d) => blk[at..at + d.len()].copy_from_slice(d),
@@ -2562,7 +2596,13 @@ impl Volume {
                 other => other,
             })
             .collect();
-        self.write_slots(data, &locs)?;
+        if let Err(e) = self.write_slots(data, &locs) {
+            // The slots may now hold neither the old data nor the new, and
+            // the old data's record is not durable yet: no flush may make
+            // it so (after a reopen, replay checks it and falls back).
+            *self.inner.torn.lock() = Some(e.to_string());
+            return Err(e);
+        }
         self.inner.data_dirty.store(true, Ordering::Release);
         let mut st = self.cell.st.write();
         self.view_of(&st)?;

@@ -139,3 +139,59 @@ fn snapshot_deletions_run_alongside_writes() {
     check_all(&pool);
     assert!(pool.verify().unwrap().damaged.is_empty());
 }
+
+/// A partial-block write reads its block under the block's stripe lock; an
+/// overwrite in place holds `inplace` shared and takes the stripes of its
+/// blocks. When the partial write meets a damaged block it must report the
+/// damage, not wait for in-place writers (which would be waiting for its
+/// stripe): both threads must keep making progress.
+#[test]
+fn a_partial_write_to_a_damaged_block_does_not_stall_in_place_writes() {
+    let m = MemMedium::new();
+    let pool = Pool::open_medium(Arc::new(m.clone()), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 4096 * BLOCK as u64).unwrap();
+    let h = pool.open_head("v").unwrap();
+    // Block 0 lands in data slot 0, which is then damaged.
+    h.write_at(&[9; BLOCK], 0, true).unwrap();
+    m.corrupt("data", 100);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::new(Default::default());
+    let partial = {
+        let (h, stop, counts) = (h.clone(), stop.clone(), counts.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let e = h.write_at(&[1; 100], 10, false).unwrap_err();
+                assert_eq!(e.kind(), store::ErrorKind::Corruption);
+                counts[0].fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let whole = {
+        let (h, stop, counts) = (h.clone(), stop.clone(), counts.clone());
+        std::thread::spawn(move || {
+            let mut v = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                v = v.wrapping_add(1).max(1);
+                // 512 blocks take every stripe; in place from the second
+                // round on (nothing flushes in between).
+                h.write_at(&vec![v; 512 * BLOCK], 1024 * BLOCK as u64, false)
+                    .unwrap();
+                counts[1].fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut last = [0, 0];
+    while start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = [0, 1].map(|i| counts[i].load(Ordering::Relaxed));
+        assert!(
+            now[0] > last[0] && now[1] > last[1],
+            "no progress in a second ({now:?} operations done): deadlock"
+        );
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    partial.join().unwrap();
+    whole.join().unwrap();
+}

@@ -49,6 +49,7 @@ fn lost_in(h: &store::Volume, bases: &[u8]) -> Vec<String> {
 /// while `dropping` (see [`Fault::DropWrites`]). `cut_data_sync` turns the data
 /// file's next sync into a power cut that keeps every journal write made so
 /// far (the kernel wrote them back) but no unsynced data write.
+/// `tear_data_write` makes the data file's next write store half and fail.
 #[derive(Default)]
 struct Faults {
     m: MemMedium,
@@ -60,6 +61,7 @@ struct Faults {
     after_cut: Arc<Mutex<Option<MemMedium>>>,
     dropping: Arc<AtomicBool>,
     cut_data_sync: Arc<AtomicBool>,
+    tear_data_write: Arc<AtomicBool>,
 }
 
 impl Medium for Faults {
@@ -74,6 +76,7 @@ impl Medium for Faults {
                 m: self.m.clone(),
                 armed: self.cut_data_sync.clone(),
                 after_cut: self.after_cut.clone(),
+                tear: self.tear_data_write.clone(),
             },
             _ => return Ok(f),
         };
@@ -160,11 +163,13 @@ enum Fault {
         owe_error: AtomicBool,
     },
     /// The data file: a power cut at its sync when `armed` (see
-    /// [`Faults`]).
+    /// [`Faults`]); when `tear` is set, its next write stores only its
+    /// first half and fails with EIO.
     CutAtSync {
         m: MemMedium,
         armed: Arc<AtomicBool>,
         after_cut: Arc<Mutex<Option<MemMedium>>>,
+        tear: Arc<AtomicBool>,
     },
 }
 
@@ -188,6 +193,12 @@ impl MediumFile for FaultFile {
                 return Ok(());
             }
         }
+        if let Fault::CutAtSync { tear, .. } = &self.fault {
+            if tear.swap(false, Ordering::SeqCst) {
+                self.f.write_at(&d[..d.len() / 2], off)?;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
         self.f.write_at(d, off)
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -206,6 +217,7 @@ impl MediumFile for FaultFile {
                 m,
                 armed,
                 after_cut,
+                ..
             } => {
                 let cut = armed.swap(false, Ordering::SeqCst);
                 if cut {
@@ -340,5 +352,93 @@ fn drops_made_for_an_unflushed_write_die_with_it() {
         "durable block 0 lost: reads {:#x}",
         buf[0]
     );
+    assert!(pool.verify().unwrap().damaged.is_empty());
+}
+
+/// A power cut tears the journal's tail (a later unsynced frame reached the
+/// disk, an earlier one did not); the next open accepts that, since nothing
+/// after the tear was ever acknowledged. If that open is cut short in turn,
+/// after it created the next journals but before its new root is durable,
+/// the torn journal is replayed again, now followed by a journal the open
+/// created: that must not be taken for damage (the pool would never open
+/// again without manual repair).
+#[test]
+fn an_open_cut_short_after_a_torn_journal_is_not_taken_for_damage() {
+    let mut cuts = 0;
+    for cut_at in 1..=6 {
+        let m = MemMedium::new();
+        let pool = Pool::open_medium(Arc::new(m.clone()), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+        let h = pool.open_head("v").unwrap();
+        h.write_at(&[1; BLOCK], 0, false).unwrap();
+        pool.flush().unwrap();
+        for b in 1..4u64 {
+            h.write_at(&[b as u8 + 1; BLOCK], b * BLOCK as u64, false)
+                .unwrap();
+        }
+        drop(h);
+        drop(pool);
+        // Of the journal's unsynced writes the first is lost, the later
+        // ones reached the disk.
+        let torn = m.crash(|name, i| !name.starts_with("journal") || i != 0);
+        let w = Arc::new(Faults {
+            m: torn,
+            ..Faults::default()
+        });
+        w.cut_at.store(cut_at, Ordering::SeqCst);
+        let first = Pool::open_medium(w.clone(), PoolOptions::default());
+        let Some(after) = w.after_cut.lock().take() else {
+            // This open makes fewer directory syncs: it finished.
+            assert!(first.is_ok());
+            continue;
+        };
+        drop(first);
+        cuts += 1;
+        let pool = Pool::open_medium(Arc::new(after), PoolOptions::default())
+            .unwrap_or_else(|e| panic!("cut at {cut_at}: the pool no longer opens: {e}"));
+        let mut buf = vec![0u8; BLOCK];
+        pool.open_head("v").unwrap().read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [1; BLOCK], "cut at {cut_at}: the flushed block");
+        assert!(pool.verify().unwrap().damaged.is_empty());
+    }
+    assert!(cuts >= 2, "the open made only {cuts} directory syncs");
+}
+
+/// An overwrite in place (of a block written since the last flush) fails
+/// half-way: the slot now holds neither the acknowledged but unflushed
+/// write nor the new one. No later flush may then make that write's record
+/// durable (it would point at torn data for good); after a reopen, replay
+/// finds the record's data damaged and the block falls back to its flushed
+/// content.
+#[test]
+fn a_failed_overwrite_in_place_is_never_made_durable() {
+    let w = Arc::new(Faults::default());
+    let pool = Pool::open_medium(w.clone(), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+    let h = pool.open_head("v").unwrap();
+    h.write_at(&[0xaa; BLOCK], 0, false).unwrap();
+    pool.flush().unwrap();
+    h.write_at(&[0xbb; BLOCK], 0, false).unwrap();
+    // Rewritten before any flush: in place, into the slot of 0xbb.
+    w.tear_data_write.store(true, Ordering::SeqCst);
+    assert!(h.write_at(&[0xcc; BLOCK], 0, false).is_err());
+    assert!(
+        !w.tear_data_write.load(Ordering::SeqCst),
+        "the write was not attempted"
+    );
+    let mut buf = vec![0u8; BLOCK];
+    assert_eq!(
+        h.read_at(&mut buf, 0).unwrap_err().kind(),
+        store::ErrorKind::Corruption
+    );
+    assert!(
+        pool.flush().is_err(),
+        "a flush promised the torn write durable"
+    );
+    drop(h);
+    drop(pool);
+    let pool = Pool::open_medium(Arc::new(w.m.kill()), PoolOptions::default()).unwrap();
+    pool.open_head("v").unwrap().read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0xaa; BLOCK]);
     assert!(pool.verify().unwrap().damaged.is_empty());
 }
