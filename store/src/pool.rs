@@ -442,6 +442,8 @@ pub(crate) struct Inner {
     /// Set (with the error) when an in-place overwrite failed part-way:
     /// every later flush fails (see `overwrite_in_place`).
     torn: Mutex<Option<String>>,
+    /// Serialises volume resizes.
+    resizing: Mutex<()>,
     /// The map pages' file and cache.
     pages: Arc<PageStore>,
 }
@@ -591,6 +593,7 @@ impl Pool {
             captured: AtomicU64::new(seq),
             fresh: Mutex::new(HashMap::new()),
             torn: Mutex::new(None),
+            resizing: Mutex::new(()),
             pages,
         });
         {
@@ -697,32 +700,43 @@ impl Pool {
     pub fn resize_volume(&self, name: &str, size: u64, allow_shrink: bool) -> Result<VolumeInfo> {
         validate_size(size)?;
         let cell = self.cell(name)?;
+        // One resize at a time: the size read here holds until the end.
+        let _one = self.inner.resizing.lock();
         let old = cell.st.read().size;
-        if size < old {
-            if !allow_shrink {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "volume {name:?} is {old} bytes; shrinking to {size} discards data, ask for it explicitly"
-                    ),
-                ));
-            }
-            let vol = self.open_head(name)?;
-            vol.trim(size, old - size, false)?;
+        if size < old && !allow_shrink {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "volume {name:?} is {old} bytes; shrinking to {size} discards data, ask for it explicitly"
+                ),
+            ));
         }
-        let seq = {
+        // The head must hold nothing past its end: a shrink drops it after
+        // the new size is in place (so no write lands there meanwhile: one
+        // in flight checks the size again as it applies), and a grow drops,
+        // before the new range becomes visible, whatever a shrink cut short
+        // by a crash left there.
+        let head = self.open_head(name)?;
+        let mut seq = 0;
+        if size > old {
+            seq = head.drop_past(old, size)?;
+        }
+        {
             let mut st = cell.st.write();
             if st.deleted {
                 return Err(deleted(name));
             }
-            let seq = self
+            let s = self
                 .inner
                 .journal
                 .lock()
                 .append(&Record::VolumeResize { id: cell.id, size })?;
             st.size = size;
-            seq
-        };
+            seq = seq.max(s);
+        }
+        if size < old {
+            seq = seq.max(head.drop_past(size, old)?);
+        }
         self.inner.flush_upto(seq)?;
         self.volume_info(name)
     }
@@ -2699,7 +2713,20 @@ impl Volume {
             self.inner.data_dirty.store(true, Ordering::Release);
         }
         let mut st = self.cell.st.write();
-        if let Err(e) = self.view_of(&st) {
+        // The size is checked again: the volume may have shrunk meanwhile.
+        if let Err(e) = self.view_of(&st).and_then(|(_, size)| {
+            let blocks = size.div_ceil(B);
+            if first + n as u64 > blocks {
+                return Err(Error::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "{}: the volume shrank to {size} bytes during the write",
+                        self.label()
+                    ),
+                ));
+            }
+            Ok(())
+        }) {
             drop(st);
             self.give_back(&locs);
             return Err(e);
@@ -2833,6 +2860,43 @@ impl Volume {
             self.inner.flush_upto(seq)?;
         }
         Ok(())
+    }
+
+    /// Deallocates the head's bytes in `[from, to)`, which may lie past its
+    /// size (see `Pool::resize_volume`); returns the last record's sequence
+    /// number.
+    fn drop_past(&self, from: u64, to: u64) -> Result<u64> {
+        let mut seq = 0;
+        let mut first = from.div_ceil(B);
+        if !from.is_multiple_of(B) && from < to {
+            let b = from / B;
+            let hi = (b * B + B).min(to);
+            seq = self.patch_block(b, (from - b * B) as usize, None, hi - from, true)?;
+            first = b + 1;
+        }
+        // Only where the map has entries: the range may be terabytes of
+        // nothing, which would cost time and change-tracking bits.
+        let end = to.div_ceil(B);
+        let mut b = first;
+        while b < end {
+            let next = {
+                let st = self.cell.st.read();
+                self.view_of(&st)?;
+                let mut found = None;
+                st.map.scan((b, 0), (end, 0), |(blk, _), _| {
+                    found = Some(blk);
+                    false
+                })?;
+                found
+            };
+            let Some(nb) = next else {
+                break;
+            };
+            let upto = end.min(nb + 65536);
+            seq = seq.max(self.set_blocks(nb, upto - nb, Loc::Hole)?);
+            b = upto;
+        }
+        Ok(seq)
     }
 
     /// Sets `n` blocks from `first` to Hole or Zero, in bounded batches.

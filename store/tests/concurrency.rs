@@ -195,3 +195,55 @@ fn a_partial_write_to_a_damaged_block_does_not_stall_in_place_writes() {
     partial.join().unwrap();
     whole.join().unwrap();
 }
+
+/// Shrinking drops the head's data past the new end while a writer keeps
+/// writing there (its writes fail once the size is down); growing back must
+/// show zeros past the old end, never a write that raced the shrink.
+#[test]
+fn data_past_a_shrink_never_comes_back() {
+    const SMALL: u64 = 64;
+    const BIG: u64 = 128;
+    let pool = Pool::open_medium(Arc::new(MemMedium::new()), PoolOptions::default()).unwrap();
+    pool.create_volume("v", BIG * BLOCK as u64).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (h, stop, pause, paused) = (
+            pool.open_head("v").unwrap(),
+            stop.clone(),
+            pause.clone(),
+            paused.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut x = 7u64;
+            while !stop.load(Ordering::SeqCst) {
+                if pause.load(Ordering::SeqCst) {
+                    paused.store(true, Ordering::SeqCst);
+                    while pause.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                    paused.store(false, Ordering::SeqCst);
+                }
+                let b = SMALL + xorshift(&mut x) % (BIG - SMALL);
+                let _ = h.write_at(&[0xdd; BLOCK], b * BLOCK as u64, false);
+            }
+        })
+    };
+    let h = pool.open_head("v").unwrap();
+    let mut tail = vec![0u8; ((BIG - SMALL) * BLOCK as u64) as usize];
+    for round in 0..200 {
+        pool.resize_volume("v", SMALL * BLOCK as u64, true).unwrap();
+        pause.store(true, Ordering::SeqCst);
+        while !paused.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        pool.resize_volume("v", BIG * BLOCK as u64, false).unwrap();
+        h.read_at(&mut tail, SMALL * BLOCK as u64).unwrap();
+        let bad = tail.iter().position(|&b| b != 0);
+        assert_eq!(bad, None, "round {round}: data past the shrink came back");
+        pause.store(false, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+}

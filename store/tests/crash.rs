@@ -92,7 +92,7 @@ fn one_run(seed: u64) {
     let mut snaps: HashMap<String, Vec<u8>> = HashMap::new();
     let steps = rng.gen_range(5..80);
     for step in 0..steps {
-        match rng.gen_range(0..11) {
+        match rng.gen_range(0..12) {
             0..=5 => {
                 let off = rng.gen_range(0..SIZE - 1);
                 let len = rng.gen_range(1..=(SIZE - off).min(3 * BLOCK as u64));
@@ -132,6 +132,17 @@ fn one_run(seed: u64) {
                 let name = format!("s{step}");
                 pool.create_snapshot("v", &name).unwrap();
                 snaps.insert(name, head.clone());
+                for b in 0..BLOCKS {
+                    candidates[b as usize] = vec![block_of(&head, b)];
+                }
+            }
+            11 => {
+                // Shrink (to an unaligned size) and grow back: the head's
+                // data past the cut is gone for good. Both flush.
+                let cut = rng.gen_range(1..SIZE / 512) * 512;
+                pool.resize_volume("v", cut, true).unwrap();
+                pool.resize_volume("v", SIZE, false).unwrap();
+                head[cut as usize..].fill(0);
                 for b in 0..BLOCKS {
                     candidates[b as usize] = vec![block_of(&head, b)];
                 }
