@@ -715,11 +715,21 @@ impl Pool {
         // the new size is in place (so no write lands there meanwhile: one
         // in flight checks the size again as it applies), and a grow drops,
         // before the new range becomes visible, whatever a shrink cut short
-        // by a crash left there.
-        let head = self.open_head(name)?;
+        // by a crash (or a write racing it into the last block) left there,
+        // durably: replay checks the zeroed last block against its data,
+        // and the size record must not outlive it.
+        // The head of this very volume, not of one that took its name.
+        let head = Volume {
+            inner: self.inner.clone(),
+            cell: cell.clone(),
+            view: View::Head,
+        };
         let mut seq = 0;
         if size > old {
-            seq = head.drop_past(old, size)?;
+            let dropped = head.drop_past(old, size)?;
+            if dropped > 0 {
+                self.inner.flush_upto(dropped)?;
+            }
         }
         {
             let mut st = cell.st.write();
@@ -2528,6 +2538,16 @@ impl Volume {
             let st = self.cell.st.read();
             let (_, size) = self.view_of(&st)?;
             drop(st);
+            // Shrunk since the caller checked the range.
+            if b * B >= size {
+                return Err(Error::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "{}: the volume shrank to {size} bytes during the write",
+                        self.label()
+                    ),
+                ));
+            }
             // The block may reach past a size that is not block-aligned.
             let valid = (size - b * B).min(B) as usize;
             // No in-place overwrite of this block can be under way: they
@@ -3126,5 +3146,32 @@ mod tests {
             "block 0 after the kill reads {:#x}: neither the trim nor the last write",
             buf[0]
         );
+    }
+
+    /// A resize waiting for another one must act on the volume it looked
+    /// up: if that volume is deleted and another takes its name meanwhile,
+    /// the resize fails and leaves the newcomer alone.
+    #[test]
+    fn a_waiting_resize_leaves_a_recreated_namesake_alone() {
+        let pool = Pool::open_medium(Arc::new(MemMedium::new()), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 16 * B).unwrap();
+        let busy = pool.inner.resizing.lock();
+        let waiting = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.resize_volume("v", 64 * B, false))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        pool.delete_volume("v").unwrap();
+        pool.create_volume("v", 64 * B).unwrap();
+        let h = pool.open_head("v").unwrap();
+        h.write_at(&[0x5a; BLOCK], 32 * B, true).unwrap();
+        drop(busy);
+        assert_eq!(
+            waiting.join().unwrap().unwrap_err().kind(),
+            ErrorKind::Deleted
+        );
+        let mut buf = vec![0u8; BLOCK];
+        h.read_at(&mut buf, 32 * B).unwrap();
+        assert!(buf == [0x5a; BLOCK], "the newcomer's data was dropped");
     }
 }

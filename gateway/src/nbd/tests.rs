@@ -1380,4 +1380,14 @@ async fn serves_store_volumes() {
     assert_eq!(r.errno(), Some(Errno::Perm));
     let mut missing = connect(addr).await;
     assert_eq!(missing.go("v@nope").await, Err(proto::REP_ERR_UNKNOWN));
+    // Shrunk under the connection: past the new end, writes and zeroes get
+    // ENOSPC and reads EINVAL, as past the end of any export.
+    pool.resize_volume("v", 4 << 20, true).unwrap();
+    let past = 6 << 20;
+    let r = c.call(0, Command::Write, past, 4, b"gone").await;
+    assert_eq!(r.errno(), Some(Errno::NoSpc));
+    let r = c.call(0, Command::WriteZeroes, past, 4096, &[]).await;
+    assert_eq!(r.errno(), Some(Errno::NoSpc));
+    let r = c.call(0, Command::Read, past, 4, &[]).await;
+    assert_eq!(r.errno(), Some(Errno::Inval));
 }

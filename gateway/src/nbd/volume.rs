@@ -42,6 +42,15 @@ fn export_error(e: store::Error) -> ExportError {
     ExportError::new(nbd_errno(e.kind()), e.to_string())
 }
 
+/// For WRITE and WRITE_ZEROES: past the end is ENOSPC there (the spec),
+/// which the store reports when the volume shrank under the connection.
+fn write_error(e: store::Error) -> ExportError {
+    match e.kind() {
+        ErrorKind::OutOfRange => ExportError::new(Errno::NoSpc, e.to_string()),
+        _ => export_error(e),
+    }
+}
+
 /// How a failed open is answered during negotiation.
 fn open_error(e: &store::Error) -> OpenError {
     match e.kind() {
@@ -107,7 +116,7 @@ impl Export for VolumeExport {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
-        self.vol.write_at(data, offset, fua).map_err(export_error)
+        self.vol.write_at(data, offset, fua).map_err(write_error)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
@@ -123,7 +132,7 @@ impl Export for VolumeExport {
     ) -> Result<(), ExportError> {
         self.vol
             .write_zeroes(offset, len, no_hole, fua)
-            .map_err(export_error)
+            .map_err(write_error)
     }
 
     fn flush(&self) -> Result<(), ExportError> {
