@@ -166,7 +166,9 @@ where
         }
         let mut payload = vec![0u8; hdr.length as usize];
         self.r.read_exact(&mut payload).await?;
-        if *self.shutdown.borrow() && opt != proto::OPT_ABORT {
+        // Shutdown: the flag set, or its sender gone (see `wait_shutdown`).
+        let shutting_down = *self.shutdown.borrow() || self.shutdown.has_changed().is_err();
+        if shutting_down && opt != proto::OPT_ABORT {
             if opt == proto::OPT_EXPORT_NAME {
                 return Ok(Some(None));
             }

@@ -1222,6 +1222,15 @@ async fn options_during_shutdown_get_err_shutdown() {
 }
 
 #[tokio::test]
+async fn a_dropped_shutdown_sender_refuses_options_too() {
+    let TestServer { addr, stop, .. } = start().await;
+    let mut c = connect(addr).await;
+    drop(stop);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(c.go("disk").await, Err(proto::REP_ERR_SHUTDOWN));
+}
+
+#[tokio::test]
 async fn a_client_that_never_negotiates_is_disconnected() {
     let (src, _) = source();
     let server = Server::with_source(src, Arc::new(Metrics::new()))
@@ -1390,4 +1399,72 @@ async fn serves_store_volumes() {
     assert_eq!(r.errno(), Some(Errno::NoSpc));
     let r = c.call(0, Command::Read, past, 4, &[]).await;
     assert_eq!(r.errno(), Some(Errno::Inval));
+}
+
+#[tokio::test]
+async fn abort_and_export_name_during_shutdown() {
+    let t = start().await;
+    let mut a = connect(t.addr).await;
+    let mut e = connect(t.addr).await;
+    t.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        a.option(proto::OPT_ABORT, &[]).await,
+        vec![(proto::REP_ACK, vec![])]
+    );
+    a.expect_closed().await;
+    // EXPORT_NAME has no error reply: the server closes.
+    let mut out = Vec::new();
+    proto::encode_option(&mut out, proto::OPT_EXPORT_NAME, b"disk");
+    e.s.write_all(&out).await.unwrap();
+    e.expect_closed().await;
+}
+
+/// A WRITE header split around shutdown, its payload and another request
+/// after it: both answered ESHUTDOWN, the payload taken off the wire, the
+/// stream in sync, nothing written.
+#[tokio::test]
+async fn a_write_header_split_around_shutdown_keeps_the_stream_in_sync() {
+    let t = start().await;
+    let mut c = attach(t.addr, "disk").await;
+    let mut buf = Vec::new();
+    let req = |command, cookie, length| Request {
+        flags: 0,
+        command,
+        cookie,
+        offset: 0,
+        length,
+    };
+    proto::encode_request(&mut buf, &req(Command::Write, 1, 4096));
+    buf.extend_from_slice(&[0x6a; 4096]);
+    proto::encode_request(&mut buf, &req(Command::Read, 2, 512));
+    c.reads.insert(2, 512);
+    c.s.write_all(&buf[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.s.write_all(&buf[5..]).await.unwrap();
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let r = c.reply().await;
+        assert_eq!(r.errno(), Some(Errno::Shutdown), "{r:?}");
+        cookies.push(r.cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, [1, 2]);
+    c.expect_closed().await;
+    assert!(t.disk.data.lock()[..4096].iter().all(|&x| x == 0));
+}
+
+#[tokio::test]
+async fn half_a_header_then_eof_leaves_the_server_up() {
+    let t = start().await;
+    let mut c = attach(t.addr, "disk").await;
+    c.s.write_all(&proto::REQUEST_MAGIC.to_be_bytes())
+        .await
+        .unwrap();
+    c.s.shutdown().await.unwrap();
+    c.expect_closed().await;
+    let mut d = attach(t.addr, "disk").await;
+    assert_eq!(d.read(0, 4).await.len(), 4);
 }
