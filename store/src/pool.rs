@@ -2322,6 +2322,21 @@ impl Volume {
         }
     }
 
+    /// For a write whose range was checked before the volume lock was let
+    /// go: whether blocks `first..first+n` still start within `size`.
+    fn blocks_within(&self, first: u64, n: u64, size: u64) -> Result<()> {
+        if first + n > size.div_ceil(B) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{}: the volume shrank to {size} bytes during the write",
+                    self.label()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_range(&self, offset: u64, len: u64, size: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
@@ -2538,16 +2553,8 @@ impl Volume {
             let st = self.cell.st.read();
             let (_, size) = self.view_of(&st)?;
             drop(st);
-            // Shrunk since the caller checked the range.
-            if b * B >= size {
-                return Err(Error::new(
-                    ErrorKind::OutOfRange,
-                    format!(
-                        "{}: the volume shrank to {size} bytes during the write",
-                        self.label()
-                    ),
-                ));
-            }
+            // Shrunk since the caller checked the range?
+            self.blocks_within(b, 1, size)?;
             // The block may reach past a size that is not block-aligned.
             let valid = (size - b * B).min(B) as usize;
             // No in-place overwrite of this block can be under way: they
@@ -2734,19 +2741,10 @@ impl Volume {
         }
         let mut st = self.cell.st.write();
         // The size is checked again: the volume may have shrunk meanwhile.
-        if let Err(e) = self.view_of(&st).and_then(|(_, size)| {
-            let blocks = size.div_ceil(B);
-            if first + n as u64 > blocks {
-                return Err(Error::new(
-                    ErrorKind::OutOfRange,
-                    format!(
-                        "{}: the volume shrank to {size} bytes during the write",
-                        self.label()
-                    ),
-                ));
-            }
-            Ok(())
-        }) {
+        if let Err(e) = self
+            .view_of(&st)
+            .and_then(|(_, size)| self.blocks_within(first, n as u64, size))
+        {
             drop(st);
             self.give_back(&locs);
             return Err(e);
