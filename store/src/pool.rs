@@ -605,14 +605,7 @@ impl Pool {
         // space they free is punched. Garbage costs space, not correctness:
         // a volume whose map cannot be read whole still opens (its reads
         // report the damage).
-        let unfinished: Vec<Arc<VolCell>> = inner
-            .vols
-            .read()
-            .by_id
-            .values()
-            .filter(|c| c.st.read().gc_from.is_some())
-            .cloned()
-            .collect();
+        let unfinished = inner.gc_pending();
         let until = Instant::now() + inner.opts.gc_foreground;
         let mut left = false;
         for cell in &unfinished {
@@ -1065,10 +1058,7 @@ impl Pool {
         drop(a);
         let cells: Vec<_> = self.inner.vols.read().by_id.values().cloned().collect();
         let map_pages = cells.iter().map(|c| c.st.read().map.pages() as u64).sum();
-        let gc_pending_volumes = cells
-            .iter()
-            .filter(|c| c.st.read().gc_from.is_some())
-            .count() as u64;
+        let gc_pending_volumes = self.inner.gc_pending().len() as u64;
         let p = &self.inner.pages;
         let (meta_slots_used, meta_slots_high) = p.slots();
         PoolStats {
@@ -1969,17 +1959,21 @@ impl Inner {
         }
     }
 
-    /// Runs every pending collection to its end (or until the pool
-    /// closes), then flushes so the space freed is given back.
-    fn collect_all(&self) -> Result<()> {
-        let cells: Vec<Arc<VolCell>> = self
-            .vols
+    /// The volumes with garbage collection still to do.
+    fn gc_pending(&self) -> Vec<Arc<VolCell>> {
+        self.vols
             .read()
             .by_id
             .values()
             .filter(|c| c.st.read().gc_from.is_some())
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Runs every pending collection to its end (or until the pool
+    /// closes), then flushes so the space freed is given back.
+    fn collect_all(&self) -> Result<()> {
+        let cells = self.gc_pending();
         if cells.is_empty() {
             return Ok(());
         }
