@@ -191,11 +191,15 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
             .map_err(|e| anyhow!("cannot resolve {}: {e}", dir.display()))?
             .join(dir)
     };
-    if !abs.exists() {
-        bail!(
-            "mount directory {} does not exist (create it with mkdir first)",
-            dir.display()
-        );
+    // Only a missing directory is refused here: a dead mount left by a
+    // crashed gateway fails `stat` with ENOTCONN, and the gateway clears it.
+    if let Err(e) = std::fs::metadata(&abs) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            bail!(
+                "mount directory {} does not exist (create it with mkdir first)",
+                dir.display()
+            );
+        }
     }
     let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
     let dir_text = abs.display().to_string();

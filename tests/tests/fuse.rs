@@ -245,3 +245,74 @@ fn mount_ends_on_signals() {
         assert!(!img.exists(), "view still mounted after signal {sig}");
     }
 }
+
+/// A gateway killed with its view mounted leaves a dead mount behind
+/// ("Transport endpoint is not connected"); after a restart, `snapgate
+/// mount` on the same directory clears it and serves the view again.
+#[test]
+fn mount_again_after_a_gateway_crash() {
+    if !require_tool("fusermount3") || !fuse_available() {
+        return;
+    }
+    let mut gw = Gateway::start();
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "p");
+    let mnt = gw.tmp().join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let img = mnt.join(SITE).join("v").join("p.img");
+    let spawn = |gw: &Gateway| {
+        gw.cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn snapgate mount")
+    };
+    let mut first = MountGuard {
+        dir: mnt.clone(),
+        child: Some(spawn(&gw)),
+    };
+    assert!(
+        wait_for(&img, Duration::from_secs(30)),
+        "view never appeared"
+    );
+    gw.kill9();
+    // The mount client notices its gateway is gone, or is stopped here.
+    if let Some(mut c) = first.child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Once the cached attributes of the mount point expire (1 s), the dead
+    // mount answers ENOTCONN.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        match std::fs::metadata(&mnt) {
+            Err(e) => break e,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(_) => panic!("the view's mount point still answers after the gateway died"),
+        }
+    };
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+    gw.restart();
+    let mut child = spawn(&gw);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !img.exists() && Instant::now() < deadline {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err);
+            panic!("snapgate mount exited with {st}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _second = MountGuard {
+        dir: mnt.clone(),
+        child: Some(child),
+    };
+    assert!(img.exists(), "view did not come back after the restart");
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), 1 << 20);
+}
