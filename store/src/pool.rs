@@ -1706,73 +1706,87 @@ impl Bell {
     }
 }
 
-/// Starts the thread that finishes the garbage collections snapshot
-/// deletions leave when they run out of their foreground time; it ends
-/// when the [`Pool`] is dropped.
-fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+/// Starts a background thread named `name` that runs `tick` whenever
+/// `bell` rings or `every` passes, until the bell is stopped (or the pool
+/// is gone); sets `bell.alive` once it runs. `None` (logged with `failed`)
+/// when no thread can be started.
+fn start_bell_thread(
+    inner: &Arc<Inner>,
+    bell: &Arc<Bell>,
+    name: &str,
+    every: std::time::Duration,
+    failed: &str,
+    mut tick: impl FnMut(&Inner) + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
     let weak = Arc::downgrade(inner);
-    let bell = Arc::clone(&inner.collector);
+    let b = Arc::clone(bell);
     let spawned = std::thread::Builder::new()
-        .name("snapgate-gc".into())
+        .name(name.into())
         .spawn(move || {
-            while !bell.stop.load(Ordering::Acquire) {
-                bell.wait(std::time::Duration::from_secs(1));
+            while !b.stop.load(Ordering::Acquire) {
+                b.wait(every);
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = inner.collect_all() {
-                    tracing::warn!(error = %e, "flush after garbage collection failed");
-                }
+                tick(&inner);
             }
         });
     match spawned {
         Ok(t) => {
-            inner.collector.alive.store(true, Ordering::Release);
+            bell.alive.store(true, Ordering::Release);
             Some(t)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot start the garbage collector thread; snapshot deletions collect in the foreground");
+            tracing::warn!(error = %e, "{failed}");
             None
         }
     }
 }
 
+/// Starts the thread that finishes the garbage collections snapshot
+/// deletions leave when they run out of their foreground time; it ends
+/// when the [`Pool`] is dropped.
+fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
+    start_bell_thread(
+        inner,
+        &inner.collector,
+        "snapgate-gc",
+        std::time::Duration::from_secs(1),
+        "cannot start the garbage collector thread; snapshot deletions collect in the foreground",
+        |inner| {
+            if let Err(e) = inner.collect_all() {
+                tracing::warn!(error = %e, "flush after garbage collection failed");
+            }
+        },
+    )
+}
+
 /// Starts the thread that flushes when freed space piles up and every
 /// `FLUSH_INTERVAL`; it ends when the [`Pool`] is dropped.
 fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
-    let weak = Arc::downgrade(inner);
-    let bell = Arc::clone(&inner.flusher);
-    let spawned = std::thread::Builder::new()
-        .name("snapgate-flusher".into())
-        .spawn(move || {
-            let mut last = std::time::Instant::now();
-            while !bell.stop.load(Ordering::Acquire) {
-                bell.wait(std::time::Duration::from_millis(200));
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                if inner.flush.lock().broken.is_some() {
-                    // Flushes fail until the pool is reopened (said once).
-                    continue;
-                }
-                let piled = inner.alloc.lock().pending_slots() >= PENDING_FLUSH_SLOTS;
-                let pages = inner.pages.dirty_over();
-                if piled || pages || last.elapsed() >= FLUSH_INTERVAL {
-                    let target = inner.journal.lock().seq;
-                    if let Err(e) = inner.flush_inner(target, pages) {
-                        tracing::warn!(error = %e, "background flush failed");
-                    }
-                    last = std::time::Instant::now();
-                }
+    let mut last = std::time::Instant::now();
+    start_bell_thread(
+        inner,
+        &inner.flusher,
+        "snapgate-flusher",
+        std::time::Duration::from_millis(200),
+        "cannot start the background flusher; space is reclaimed at client flushes only",
+        move |inner| {
+            if inner.flush.lock().broken.is_some() {
+                // Flushes fail until the pool is reopened (said once).
+                return;
             }
-        });
-    match spawned {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the background flusher; space is reclaimed at client flushes only");
-            None
-        }
-    }
+            let piled = inner.alloc.lock().pending_slots() >= PENDING_FLUSH_SLOTS;
+            let pages = inner.pages.dirty_over();
+            if piled || pages || last.elapsed() >= FLUSH_INTERVAL {
+                let target = inner.journal.lock().seq;
+                if let Err(e) = inner.flush_inner(target, pages) {
+                    tracing::warn!(error = %e, "background flush failed");
+                }
+                last = std::time::Instant::now();
+            }
+        },
+    )
 }
 
 impl Inner {

@@ -1184,11 +1184,22 @@ async fn a_request_header_split_around_shutdown_is_answered() {
     c.reads.insert(7, 512);
     c.reads.insert(8, 512);
     // Ten bytes of the first header, shutdown, then the rest.
-    c.s.write_all(&hdr[..10]).await.unwrap();
+    assert_eq!(split_around_shutdown(&t, &mut c, &hdr, 10).await, [7, 8]);
+}
+
+/// Sends `bytes[..at]`, shuts the server down, sends the rest; expects two
+/// ESHUTDOWN replies and the close. Returns their cookies, sorted.
+async fn split_around_shutdown(
+    t: &TestServer,
+    c: &mut Client<TcpStream>,
+    bytes: &[u8],
+    at: usize,
+) -> Vec<u64> {
+    c.s.write_all(&bytes[..at]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     t.stop.send(true).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    c.s.write_all(&hdr[10..]).await.unwrap();
+    c.s.write_all(&bytes[at..]).await.unwrap();
     let mut cookies = Vec::new();
     for _ in 0..2 {
         let r = c.reply().await;
@@ -1196,8 +1207,8 @@ async fn a_request_header_split_around_shutdown_is_answered() {
         cookies.push(r.cookie);
     }
     cookies.sort();
-    assert_eq!(cookies, [7, 8]);
     c.expect_closed().await;
+    cookies
 }
 
 #[tokio::test]
@@ -1439,20 +1450,7 @@ async fn a_write_header_split_around_shutdown_keeps_the_stream_in_sync() {
     buf.extend_from_slice(&[0x6a; 4096]);
     proto::encode_request(&mut buf, &req(Command::Read, 2, 512));
     c.reads.insert(2, 512);
-    c.s.write_all(&buf[..5]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    t.stop.send(true).unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    c.s.write_all(&buf[5..]).await.unwrap();
-    let mut cookies = Vec::new();
-    for _ in 0..2 {
-        let r = c.reply().await;
-        assert_eq!(r.errno(), Some(Errno::Shutdown), "{r:?}");
-        cookies.push(r.cookie);
-    }
-    cookies.sort();
-    assert_eq!(cookies, [1, 2]);
-    c.expect_closed().await;
+    assert_eq!(split_around_shutdown(&t, &mut c, &buf, 5).await, [1, 2]);
     assert!(t.disk.data.lock()[..4096].iter().all(|&x| x == 0));
 }
 
