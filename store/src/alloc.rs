@@ -186,12 +186,26 @@ pub struct Alloc {
     cold: Ranges,
     /// Slots at or above this have never been handed out.
     pub high: u64,
-    /// (seq of the dropping record, slot, may stay warm).
-    pending: Vec<(u64, u64, bool)>,
+    /// (seq of the dropping record, slot, how it was freed).
+    pending: Vec<(u64, u64, Freed)>,
+    /// Slots in `pending` freed as [`Freed::Scattered`].
+    pending_scattered: usize,
+}
+
+/// Why a slot stopped being referenced, which says where its space goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freed {
+    /// Trimmed, or its snapshot or volume deleted: punched.
+    Cold,
+    /// Overwritten by a write of `CONTIGUOUS` blocks or more: may stay in
+    /// the reuse reserve.
+    Bulk,
+    /// Overwritten by a smaller write: may stay in the reuse reserve.
+    Scattered,
 }
 
 /// Writes of at least this many blocks get contiguous slots.
-const CONTIGUOUS: u64 = 16;
+pub(crate) const CONTIGUOUS: u64 = 16;
 
 /// A run of slots: (first, count).
 pub type Run = (u64, u64);
@@ -274,12 +288,12 @@ impl Alloc {
         self.warm.insert(slot, 1);
     }
 
-    /// Remembers a slot dropped by the record with sequence `seq`. `warm`:
-    /// the slot was overwritten (its space may be kept for reuse); otherwise
-    /// it was trimmed or its snapshot or volume deleted, and its space goes
-    /// back to the filesystem.
-    pub fn defer(&mut self, seq: u64, slot: u64, warm: bool) {
-        self.pending.push((seq, slot, warm));
+    /// Remembers a slot dropped by the record with sequence `seq`.
+    pub fn defer(&mut self, seq: u64, slot: u64, how: Freed) {
+        self.pending.push((seq, slot, how));
+        if how == Freed::Scattered {
+            self.pending_scattered += 1;
+        }
     }
 
     /// Takes the pending slots whose dropping record is durable (seq ≤ upto),
@@ -287,14 +301,23 @@ impl Alloc {
     pub fn take_durable(&mut self, upto: u64) -> (Vec<Run>, Vec<Run>) {
         let mut warm: Vec<u64> = Vec::new();
         let mut cold: Vec<u64> = Vec::new();
-        self.pending.retain(|&(seq, slot, w)| {
+        let mut scattered = 0;
+        self.pending.retain(|&(seq, slot, how)| {
             if seq <= upto {
-                if w { &mut warm } else { &mut cold }.push(slot);
+                match how {
+                    Freed::Cold => cold.push(slot),
+                    Freed::Bulk => warm.push(slot),
+                    Freed::Scattered => {
+                        warm.push(slot);
+                        scattered += 1;
+                    }
+                }
                 false
             } else {
                 true
             }
         });
+        self.pending_scattered -= scattered;
         (merge(warm), merge(cold))
     }
 
@@ -307,10 +330,7 @@ impl Alloc {
     /// [`Alloc::release_punched`].
     pub fn release(&mut self, warm: &[Run], cold: &[Run]) -> Vec<Run> {
         let freed: u64 = warm.iter().chain(cold).map(|r| r.1).sum();
-        let used = self
-            .high
-            .saturating_sub(self.warm.total + self.cold.total + self.pending.len() as u64 + freed);
-        let cap = self.warm_cap + used * self.warm_percent / 100;
+        let cap = self.reserve_slots(freed);
         let mut punch = cold.to_vec();
         for &(s, l) in warm {
             self.warm.insert(s, l);
@@ -319,6 +339,15 @@ impl Alloc {
             self.warm.take_largest(self.warm.total - cap, &mut punch);
         }
         punch
+    }
+
+    /// The reuse reserve's size in slots: `warm_cap` plus `warm_percent` of
+    /// the slots in use (`taken` of the slots not free are not in use).
+    pub fn reserve_slots(&self, taken: u64) -> u64 {
+        let used = self
+            .high
+            .saturating_sub(self.warm.total + self.cold.total + self.pending.len() as u64 + taken);
+        self.warm_cap + used * self.warm_percent / 100
     }
 
     /// Makes punched ranges reusable.
@@ -336,6 +365,11 @@ impl Alloc {
     /// Number of slots waiting for a durable drop record.
     pub fn pending_slots(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Number of those freed by small overwrites ([`Freed::Scattered`]).
+    pub fn pending_scattered(&self) -> usize {
+        self.pending_scattered
     }
 }
 
@@ -363,7 +397,7 @@ mod tests {
         let run = a.alloc(20);
         assert_eq!(run, vec![(116, 20)]);
         for s in 116..136 {
-            a.defer(1, s, true);
+            a.defer(1, s, Freed::Scattered);
         }
         let (warm, _) = a.take_durable(1);
         a.warm_cap = 100;
@@ -391,7 +425,7 @@ mod tests {
         assert_eq!(a.alloc(300), vec![(0, 300)]);
         // 100 of 300 freed: 200 stay in use, so the reserve is 10 + 100.
         for s in 0..100 {
-            a.defer(1, s, true);
+            a.defer(1, s, Freed::Scattered);
         }
         let (warm, cold) = a.take_durable(1);
         assert!(cold.is_empty());
@@ -400,7 +434,7 @@ mod tests {
         // the freed slots join the 100 kept before (one range, 0..250) and
         // its tail goes.
         for s in 100..250 {
-            a.defer(2, s, true);
+            a.defer(2, s, Freed::Scattered);
         }
         let (warm, _) = a.take_durable(2);
         let punch = a.release(&warm, &[]);
@@ -409,7 +443,7 @@ mod tests {
         // Trims and deletions always give space back: 40 of the last 50
         // go, 10 stay in use, and the reserve shrinks to 15.
         for s in 250..290 {
-            a.defer(3, s, false);
+            a.defer(3, s, Freed::Cold);
         }
         let (warm, cold) = a.take_durable(3);
         assert!(warm.is_empty());
@@ -430,8 +464,8 @@ mod tests {
         assert_eq!(a.alloc(2), vec![(0, 1), (3, 1)]);
         assert_eq!(a.alloc(4), vec![(4, 1), (6, 2), (8, 1)]);
         assert_eq!(a.high, 9);
-        a.defer(10, 3, true);
-        a.defer(12, 4, true);
+        a.defer(10, 3, Freed::Scattered);
+        a.defer(12, 4, Freed::Bulk);
         assert_eq!(a.take_durable(11), (vec![(3, 1)], vec![]));
         assert!(a.release(&[(3, 1)], &[]).is_empty());
         assert_eq!(a.pending_slots(), 1);
@@ -442,7 +476,7 @@ mod tests {
         let big = a.alloc(WARM_SLOTS + 10);
         for &(s, l) in &big {
             for x in s..s + l {
-                a.defer(20, x, true);
+                a.defer(20, x, Freed::Bulk);
             }
         }
         let (ranges, cold) = a.take_durable(20);

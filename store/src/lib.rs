@@ -57,11 +57,22 @@
 //! (allocated zeros, for NO_HOLE, which provisions never-written blocks too) entries take no data space; all-zero block
 //! writes are stored as `Zero` too. Slots freed by trims and deletions are
 //! punched out of the data file (`fallocate(PUNCH_HOLE)`) at once; slots
-//! freed by overwrites stay allocated as a reuse reserve (64 MiB plus 6% of
+//! freed by overwrites stay allocated as a reuse reserve (24 MiB plus 4% of
 //! the data stored, `PoolOptions::reuse_reserve_*`) for small writes, and
 //! its excess is punched largest range first; so disk usage follows the live
 //! data. Writes of 16 blocks or more get one contiguous run (a punched range
 //! that fits, or the end of the file), small ones the scattered slots.
+//!
+//! Once deleted snapshots are collected and the writes so far flushed (the
+//! background threads do both within seconds), what the pool holds beyond
+//! the data its volumes and snapshots reference stays within 64 MiB + 10%
+//! of that data: the reuse reserve (≤ 24 MiB + 4%), the map pages (a 16 KiB
+//! slot per up to 640 mapped blocks: 1–2% of the data after random writes;
+//! slots no durable root uses are punched), and the journal (about
+//! `journal_limit`, 24 MiB, at most: the background flusher checks it every
+//! 200 ms and folds it into a checkpoint; a snapshot deletion whose
+//! collection leaves more than 1 MiB of it ends with one, so after
+//! deletions it is small).
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |
@@ -138,8 +149,10 @@
 //!   slot's unflushed record must never become durable. Without in-place
 //!   overwrites, every overwrite between flushes would take a new slot.
 //! * A background thread flushes every 5 s, and as soon as 128 MiB of freed
-//!   slots wait for a flush: a client that never flushes would otherwise
-//!   grow the data file without bound.
+//!   slots wait for a flush, or the reuse reserve's fixed part (24 MiB) of
+//!   slots freed by small overwrites (so they fit the reserve, see
+//!   `Inner::piled_up`): a client that never flushes would otherwise grow
+//!   the data file without bound.
 //! * A checkpoint writes every changed page to a *free* page slot (never
 //!   one the durable root points at), then the new root to
 //!   `checkpoint.tmp`; it syncs the data and meta files and the root, renames
@@ -160,7 +173,7 @@
 //!   block's pages dirty first, a new entry is set before the old one is
 //!   dropped, emptied pages stay in the directory until the next checkpoint,
 //!   and small pages merge only with neighbours already in memory.
-//! * Checkpoints start when the journal passes `journal_limit` (64 MiB), or
+//! * Checkpoints start when the journal passes `journal_limit` (24 MiB), or
 //!   when changed pages fill their half of `map_cache_bytes` (at the next
 //!   flush, or by the background flusher).
 //!
@@ -254,9 +267,9 @@ pub struct PoolOptions {
 impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
-            journal_limit: 64 << 20,
-            reuse_reserve_bytes: 64 << 20,
-            reuse_reserve_percent: 6,
+            journal_limit: 24 << 20,
+            reuse_reserve_bytes: 24 << 20,
+            reuse_reserve_percent: 4,
             map_cache_bytes: 64 << 20,
             map_page_entries: pages::PAGE_MAX,
             gc_foreground: std::time::Duration::from_secs(5),

@@ -243,9 +243,17 @@ impl PageStore {
     pub fn init(&self, used: &[u64], next_id: u64) {
         let high = used.iter().map(|s| s + 1).max().unwrap_or(0);
         let used: BTreeSet<u64> = used.iter().copied().collect();
+        let free: Vec<u64> = (0..high).filter(|s| !used.contains(s)).collect();
+        // Slots left free by a process that stopped before it released
+        // them: nothing references them, so their space goes back too.
+        for (start, n) in crate::alloc::merge(free.clone()) {
+            if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
+                tracing::warn!(error = %e, "cannot punch free metadata page slots");
+            }
+        }
         let mut s = self.space.lock();
         s.high = high;
-        s.free = (0..high).filter(|s| !used.contains(s)).collect();
+        s.free = free.into_iter().collect();
         self.next_id.store(next_id.max(1), Ordering::Release);
     }
 
@@ -361,18 +369,29 @@ impl PageStore {
     }
 
     /// The root of checkpoint `gen` is durable: slots retired before it
-    /// began are free; free slots at the end of the file are cut off.
+    /// began are free, and their space goes back to the filesystem (the
+    /// next checkpoint writes where it needs); free slots at the end of the
+    /// file are cut off.
     pub fn release(&self, gen: u64) {
-        let mut s = self.space.lock();
-        let mut keep = Vec::new();
-        for (g, slot) in std::mem::take(&mut s.retired) {
-            if g <= gen {
-                s.free.insert(slot);
-            } else {
-                keep.push((g, slot));
+        let mut freed = Vec::new();
+        {
+            let mut s = self.space.lock();
+            s.retired.retain(|&(g, slot)| {
+                if g <= gen {
+                    freed.push(slot);
+                }
+                g > gen
+            });
+        }
+        // Nothing references these slots and nothing can take them before
+        // they join `free` below: punch them without holding the lock.
+        for (start, n) in crate::alloc::merge(freed.clone()) {
+            if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
+                tracing::warn!(error = %e, "cannot punch freed metadata page slots");
             }
         }
-        s.retired = keep;
+        let mut s = self.space.lock();
+        s.free.extend(freed);
         let old_high = s.high;
         while s.high > 0 && s.free.contains(&(s.high - 1)) {
             let h = s.high - 1;

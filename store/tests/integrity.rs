@@ -305,6 +305,73 @@ fn space_comes_back_after_snapshot_deletion() {
     );
 }
 
+/// Bytes allocated by the files of a pool directory: (all, journals).
+fn pool_usage(dir: &std::path::Path) -> (u64, u64) {
+    let (mut total, mut journals) = (0, 0);
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let n = allocated(&e.path());
+        total += n;
+        if e.file_name().to_string_lossy().starts_with("journal") {
+            journals += n;
+        }
+    }
+    (total, journals)
+}
+
+/// With the default options, the whole pool directory holds at most the
+/// live data + 10% + 64 MiB: after heavy overwrites and snapshots that are
+/// then deleted, and after heavy overwrites (which fill the reuse reserve
+/// and the journal) once flushed.
+#[test]
+fn the_default_pool_stays_within_its_space_bound() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let live: u64 = 256 << 20;
+    let bound = live + live / 10 + (64 << 20);
+    pool.create_volume("v", live).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut mb = vec![0u8; 1 << 20];
+    for m in 0..live >> 20 {
+        rng.fill(&mut mb[..]);
+        h.write_at(&mb, m << 20, false).unwrap();
+    }
+    let mut blk = vec![0u8; BLOCK];
+    let mut random_writes = |n: usize| {
+        for _ in 0..n {
+            rng.fill(&mut blk[..]);
+            h.write_at(&blk, rng.gen_range(0..live / 4096) * 4096, false)
+                .unwrap();
+        }
+    };
+    random_writes(300_000);
+    pool.create_snapshot("v", "a").unwrap();
+    random_writes(20_000);
+    pool.create_snapshot("v", "b").unwrap();
+    for m in 0..live >> 21 {
+        h.write_at(&mb, m << 20, false).unwrap();
+    }
+    pool.delete_snapshot("v", "a").unwrap();
+    pool.delete_snapshot("v", "b").unwrap();
+    pool.reclaim_space().unwrap();
+    let (total, journals) = pool_usage(dir.path());
+    let meta = allocated(&dir.path().join("meta"));
+    // One preallocated 4 MiB chunk of a fresh journal.
+    assert!(
+        journals <= 4 << 20,
+        "the journal was not folded: {journals} bytes"
+    );
+    assert!(meta <= live / 40, "map pages: {meta} bytes");
+    assert!(total <= bound, "after deletions: {total} bytes");
+    random_writes(400_000);
+    pool.flush().unwrap();
+    let (total, journals) = pool_usage(dir.path());
+    assert!(journals <= 32 << 20, "journal: {journals} bytes");
+    assert!(total <= bound, "after overwrites: {total} bytes");
+}
+
 #[test]
 fn bad_input_gets_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
