@@ -344,10 +344,14 @@ impl Alloc {
     /// The reuse reserve's size in slots: `warm_cap` plus `warm_percent` of
     /// the slots in use (`taken` of the slots not free are not in use).
     pub fn reserve_slots(&self, taken: u64) -> u64 {
-        let used = self
-            .high
-            .saturating_sub(self.warm.total + self.cold.total + self.pending.len() as u64 + taken);
-        self.warm_cap + used * self.warm_percent / 100
+        self.warm_cap + self.used_slots().saturating_sub(taken) * self.warm_percent / 100
+    }
+
+    /// Slots that hold data something references (neither free nor
+    /// waiting in `pending`).
+    pub fn used_slots(&self) -> u64 {
+        self.high
+            .saturating_sub(self.warm.total + self.cold.total + self.pending.len() as u64)
     }
 
     /// Makes punched ranges reusable.

@@ -63,16 +63,20 @@
 //! data. Writes of 16 blocks or more get one contiguous run (a punched range
 //! that fits, or the end of the file), small ones the scattered slots.
 //!
-//! Once deleted snapshots are collected and the writes so far flushed (the
-//! background threads do both within seconds), what the pool holds beyond
-//! the data its volumes and snapshots reference stays within 64 MiB + 10%
-//! of that data: the reuse reserve (≤ 24 MiB + 4%), the map pages (a 16 KiB
-//! slot per up to 640 mapped blocks: 1–2% of the data after random writes;
-//! slots no durable root uses are punched), and the journal (about
-//! `journal_limit`, 24 MiB, at most: the background flusher checks it every
-//! 200 ms and folds it into a checkpoint; a snapshot deletion whose
-//! collection leaves more than 1 MiB of it ends with one, so after
-//! deletions it is small).
+//! Once deleted snapshots are collected and writes pause for a few seconds
+//! (or [`Pool::reclaim_space`] returns), what the pool holds beyond the data
+//! its volumes and snapshots reference stays within 64 MiB + 10% of that
+//! data: the reuse reserve (≤ 24 MiB + 4%); the map pages (a 16 KiB slot per
+//! up to 640 entries, 1.25–2.5% of the data they map; emptied pages and the
+//! slots of replaced ones leave at the next checkpoint, and slots no
+//! durable root uses are punched); the journal (at most about
+//! `journal_limit`, 24 MiB). A *fold* (`Fold::Space`) checkpoints when the
+//! journal or the stale page slots hold more than 1 MiB + 0.1% of the data:
+//! after a snapshot deletion's collection, a volume deletion, and once
+//! writes have paused for 5 s. Not covered by the bound: entries without
+//! data (NO_HOLE zeros, and trims that hid data a snapshot kept) cost map
+//! pages too, 0.6–1.2% of the range they cover, and every volume with any
+//! entry takes at least one 16 KiB page.
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |
@@ -175,7 +179,8 @@
 //!   and small pages merge only with neighbours already in memory.
 //! * Checkpoints start when the journal passes `journal_limit` (24 MiB), or
 //!   when changed pages fill their half of `map_cache_bytes` (at the next
-//!   flush, or by the background flusher).
+//!   flush, or by the background flusher, which checks both every 200 ms),
+//!   and at a fold (see "Redirect-on-write map and snapshots").
 //!
 //! ## Locks (taken in this order, never the reverse)
 //! | lock | guards | held by |
@@ -237,7 +242,7 @@ pub enum Loc {
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     /// The journal is folded into a new checkpoint once it grows past this
-    /// many bytes (checked at flush).
+    /// many bytes (checked at flush and by the background flusher).
     pub journal_limit: u64,
     /// Data space freed by overwrites, up to this many bytes plus
     /// `reuse_reserve_percent` of the data stored, stays allocated in the

@@ -244,11 +244,18 @@ impl PageStore {
         let high = used.iter().map(|s| s + 1).max().unwrap_or(0);
         let used: BTreeSet<u64> = used.iter().copied().collect();
         let free: Vec<u64> = (0..high).filter(|s| !used.contains(s)).collect();
-        // Slots left free by a process that stopped before it released
-        // them: nothing references them, so their space goes back too.
+        // Slots left free, or written past the root's last one, by a
+        // process that stopped before it released them: nothing references
+        // them (the open synced the directory, so no other root can become
+        // the durable one), so their space goes back.
         for (start, n) in crate::alloc::merge(free.clone()) {
             if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
                 tracing::warn!(error = %e, "cannot punch free metadata page slots");
+            }
+        }
+        if self.file.len().is_ok_and(|l| l > high * PAGE_BYTES) {
+            if let Err(e) = self.file.set_len(high * PAGE_BYTES) {
+                tracing::warn!(error = %e, "cannot shorten the metadata page file");
             }
         }
         let mut s = self.space.lock();
@@ -270,6 +277,12 @@ impl PageStore {
     /// time for a checkpoint.
     pub fn dirty_over(&self) -> bool {
         self.dirty_pages() > self.dirty_limit
+    }
+
+    /// Slots that only the durable root still references: freed by the
+    /// next checkpoint.
+    pub fn retired_slots(&self) -> usize {
+        self.space.lock().retired.len()
     }
 
     /// Slots in use or retired, and the meta file's extent in slots.

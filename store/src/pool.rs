@@ -5,7 +5,7 @@ use crate::alloc::{merge, Alloc, Freed, Run, SlotSet};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
-use crate::pages::{Key, PageStore, PagedMap};
+use crate::pages::{Key, PageStore, PagedMap, PAGE_BYTES};
 use crate::{
     Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, Version,
     VolumeInfo, VolumeOptions, BLOCK,
@@ -612,7 +612,7 @@ impl Pool {
             left |= !inner.reclaim(cell, Some(until)).1;
         }
         if !unfinished.is_empty() {
-            inner.flush_all()?;
+            inner.fold_all()?;
         }
         // Punch the space of slots nothing references (freed before a crash).
         inner.punch_free_space();
@@ -788,7 +788,9 @@ impl Pool {
         if let Err(e) = cleared {
             tracing::error!(volume = name, error = %e, "deleted volume's map is damaged");
         }
-        Ok(())
+        // Its map pages stay in the meta file until a root without them is
+        // durable.
+        self.inner.fold_all()
     }
 
     /// Takes a snapshot of the head: O(1), no data is copied.
@@ -882,7 +884,7 @@ impl Pool {
             inner.collector.ring();
             return inner.flush_upto(seq.max(last));
         }
-        inner.flush_inner(seq.max(last), Fold::AfterGc)
+        inner.flush_inner(seq.max(last), Fold::Space)
     }
 
     /// Journals a snapshot's removal and takes it off the volume's list
@@ -1042,10 +1044,12 @@ impl Pool {
 
     /// Finishes the garbage collection of every snapshot deletion so far
     /// in the calling thread (helping the background collector), then
-    /// flushes, so the space they freed is given back.
+    /// flushes and folds the journal and stale map pages into a checkpoint
+    /// when they hold more than a little space, so the space freed is
+    /// given back.
     pub fn reclaim_space(&self) -> Result<()> {
         self.inner.collect_all()?;
-        self.inner.flush_all()
+        self.inner.fold_all()
     }
 
     /// Counters for tests and metrics.
@@ -1665,25 +1669,29 @@ impl<'a> FrameReader<'a> {
 /// A deleted volume's slots go back to the allocator this many at a time.
 const GIVE_BACK_BATCH: usize = 1 << 16;
 
-/// A collection that ends with more journal than this folds it into a
-/// checkpoint: after snapshots are deleted, the journal of their drops
-/// would otherwise hold disk space (up to `journal_limit`) that the pool's
-/// space bound does not allow for.
-const GC_FOLD_BYTES: u64 = 1 << 20;
+/// A fold (see [`Fold::Space`]) checkpoints when the journal, or the map
+/// page slots only the durable root still uses, take more than this plus
+/// 0.1% of the data stored.
+const FOLD_BYTES: u64 = 1 << 20;
 
-/// When a flush also writes a checkpoint (which folds the journal in and
-/// writes the changed map pages).
+/// When a flush also writes a checkpoint (which folds the journal in,
+/// writes the changed map pages, and frees the page slots they replace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fold {
     /// When the journal passes `journal_limit` or changed pages pass their
     /// memory budget.
     Over,
-    /// Also when there is nothing to flush (the background flusher, when
-    /// changed pages or the journal pass their limit).
+    /// Also when there was nothing to flush (the background flusher and a
+    /// collection, when changed pages or the journal pass their limit).
     OverIdle,
-    /// After a garbage collection: also when the journal holds more than
-    /// `GC_FOLD_BYTES`.
-    AfterGc,
+    /// Also when the journal or the stale page slots take more than
+    /// `FOLD_BYTES` + 0.1% of the data: after deletions (whose collection
+    /// writes a journal of drops and empties map pages) and once writes
+    /// pause, so that the pool's space comes back to the bound in lib.rs.
+    /// Scaled with the data because a checkpoint rewrites the whole root
+    /// (about 44 bytes per map page), which must not happen at every
+    /// snapshot deletion of a large pool.
+    Space,
 }
 
 /// Completed writes are made durable in the background at least this often,
@@ -1783,6 +1791,9 @@ fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
 /// `FLUSH_INTERVAL`; it ends when the [`Pool`] is dropped.
 fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
     let mut last = std::time::Instant::now();
+    // The journal's sequence number last seen, since when, and whether the
+    // quiet since then was used to fold.
+    let mut seen = (0, std::time::Instant::now(), false);
     start_bell_thread(
         inner,
         &inner.flusher,
@@ -1794,14 +1805,26 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
                 // Flushes fail until the pool is reopened (said once).
                 return;
             }
+            let target = inner.journal.lock().seq;
+            if target != seen.0 {
+                seen = (target, std::time::Instant::now(), false);
+            }
             let piled = inner.piled_up(&inner.alloc.lock());
             // A journal past its limit is folded into a checkpoint now, not
             // at the next flush: it holds disk space until then.
             let due =
                 inner.pages.dirty_over() || inner.journal.lock().pos > inner.opts.journal_limit;
-            if piled || due || last.elapsed() >= FLUSH_INTERVAL {
-                let target = inner.journal.lock().seq;
-                let why = if due { Fold::OverIdle } else { Fold::Over };
+            let why = if due {
+                Fold::OverIdle
+            } else if !seen.2 && seen.1.elapsed() >= FLUSH_INTERVAL {
+                // Writes paused: give back the space of the journal and of
+                // stale map pages (if they hold more than a little).
+                seen.2 = true;
+                Fold::Space
+            } else {
+                Fold::Over
+            };
+            if piled || why != Fold::Over || last.elapsed() >= FLUSH_INTERVAL {
                 if let Err(e) = inner.flush_inner(target, why) {
                     tracing::warn!(error = %e, "background flush failed");
                 }
@@ -1903,14 +1926,18 @@ impl Inner {
                 return Err(Error::io("cannot sync the data file", e));
             }
         }
-        let file = {
+        let (file, sync_seq) = {
             let mut j = self.journal.lock();
-            j.append(&Record::Sync { upto })?;
-            j.file.clone()
+            let seq = j.append(&Record::Sync { upto })?;
+            (j.file.clone(), seq)
         };
         file.sync_data()
             .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
-        fs.durable_upto = upto;
+        // The Sync record is durable too; when nothing came between it and
+        // the capture, everything up to it is, and a pool with no new
+        // writes has nothing left to flush (the background flusher would
+        // otherwise sync a new Sync record every few seconds for good).
+        fs.durable_upto = if sync_seq == upto + 1 { sync_seq } else { upto };
         if self.checkpoint_due(why) {
             self.checkpoint(fs)?;
         }
@@ -1921,9 +1948,21 @@ impl Inner {
     /// Whether a flush for `why` ends with a checkpoint.
     fn checkpoint_due(&self, why: Fold) -> bool {
         let pos = self.journal.lock().pos;
-        pos > self.opts.journal_limit
-            || self.pages.dirty_over()
-            || (why == Fold::AfterGc && pos > GC_FOLD_BYTES)
+        if pos > self.opts.journal_limit || self.pages.dirty_over() {
+            return true;
+        }
+        if why != Fold::Space {
+            return false;
+        }
+        let slack = FOLD_BYTES + self.alloc.lock().used_slots() * B / 1000;
+        pos > slack || self.pages.retired_slots() as u64 * PAGE_BYTES > slack
+    }
+
+    /// Flushes everything, then checkpoints if the journal or stale map
+    /// pages hold more than a little space ([`Fold::Space`]).
+    fn fold_all(&self) -> Result<()> {
+        let target = self.journal.lock().seq;
+        self.flush_inner(target, Fold::Space)
     }
 
     /// Fails once an in-place overwrite has failed: called after a capture,
@@ -2041,8 +2080,7 @@ impl Inner {
         for cell in &cells {
             self.reclaim(cell, None);
         }
-        let target = self.journal.lock().seq;
-        self.flush_inner(target, Fold::AfterGc)
+        self.fold_all()
     }
 
     /// Frees slots whose dropping records are durable.
@@ -2856,7 +2894,8 @@ impl Volume {
             }
         }
         if !freed.is_empty() {
-            let how = if locs.len() as u64 >= crate::alloc::CONTIGUOUS {
+            // As the allocator sees it: a run of data blocks or not.
+            let how = if need >= crate::alloc::CONTIGUOUS {
                 Freed::Bulk
             } else {
                 Freed::Scattered

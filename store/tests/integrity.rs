@@ -372,6 +372,95 @@ fn the_default_pool_stays_within_its_space_bound() {
     assert!(total <= bound, "after overwrites: {total} bytes");
 }
 
+/// Live data of a pool: the data blocks its volumes' heads map.
+fn live_bytes(pool: &Pool) -> u64 {
+    pool.volumes().iter().map(|v| v.allocated_bytes).sum()
+}
+
+/// Trimming a large volume leaves its map pages stale in the meta file
+/// (the durable root still uses them) and a journal of trims; once writes
+/// pause, the background flusher folds both into a checkpoint, so the pool
+/// comes back within live data + 10% + 64 MiB without anybody asking.
+#[test]
+fn stale_map_pages_and_journal_come_back_once_writes_pause() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut mb = vec![0u8; 1 << 20];
+    {
+        let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+        for (name, mib) in [("v", 64u64), ("z", 2400)] {
+            pool.create_volume(name, mib << 20).unwrap();
+            let h = pool.open_head(name).unwrap();
+            for m in 0..mib {
+                rng.fill(&mut mb[..]);
+                h.write_at(&mb, m << 20, false).unwrap();
+            }
+        }
+        pool.flush().unwrap();
+    }
+    // The reopen's checkpoint puts every map page in the meta file.
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mut blk = vec![0u8; BLOCK];
+    for i in 0..60_000u64 {
+        rng.fill(&mut blk[..]);
+        h.write_at(&blk, rng.gen_range(0..(64 << 20) / 4096) * 4096, false)
+            .unwrap();
+        if i % 9000 == 0 {
+            pool.flush().unwrap();
+        }
+    }
+    pool.open_head("z")
+        .unwrap()
+        .trim(0, 2400 << 20, false)
+        .unwrap();
+    pool.flush().unwrap();
+    let live = live_bytes(&pool);
+    assert_eq!(live, 64 << 20);
+    let bound = live + live / 10 + (64 << 20);
+    let t = std::time::Instant::now();
+    let mut total = pool_usage(dir.path()).0;
+    while total > bound && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        total = pool_usage(dir.path()).0;
+    }
+    assert!(
+        total <= bound,
+        "{total} bytes for {live} bytes of live data"
+    );
+}
+
+/// Deleting a volume gives back its map pages too, at once.
+#[test]
+fn a_deleted_volume_leaves_no_map_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    pool.create_volume("v", 16 << 20).unwrap();
+    pool.open_head("v")
+        .unwrap()
+        .write_at(&vec![0x5a; 16 << 20], 0, false)
+        .unwrap();
+    pool.create_volume("z", 8 << 30).unwrap();
+    // Provisioned zeros: map entries, no data.
+    pool.open_head("z")
+        .unwrap()
+        .write_zeroes(0, 8 << 30, true, false)
+        .unwrap();
+    pool.flush().unwrap();
+    drop(pool);
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let before = allocated(&dir.path().join("meta"));
+    assert!(before > 64 << 20, "the map pages are on disk: {before}");
+    pool.delete_volume("z").unwrap();
+    let (total, _) = pool_usage(dir.path());
+    let live = live_bytes(&pool);
+    assert!(
+        total <= live + live / 10 + (64 << 20),
+        "{total} bytes for {live} bytes of live data"
+    );
+}
+
 #[test]
 fn bad_input_gets_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
