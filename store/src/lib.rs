@@ -67,16 +67,17 @@
 //! (or [`Pool::reclaim_space`] returns), what the pool holds beyond the data
 //! its volumes and snapshots reference stays within 64 MiB + 10% of that
 //! data: the reuse reserve (≤ 24 MiB + 4%); the map pages (a 16 KiB slot per
-//! up to 640 entries, 1.25–2.5% of the data they map; emptied pages and the
-//! slots of replaced ones leave at the next checkpoint, and slots no
-//! durable root uses are punched); the journal (at most about
-//! `journal_limit`, 24 MiB). A *fold* (`Fold::Space`) checkpoints when the
-//! journal or the stale page slots hold more than 1 MiB + 0.1% of the data:
-//! after a snapshot deletion's collection, a volume deletion, and once
-//! writes have paused for 5 s. Not covered by the bound: entries without
-//! data (NO_HOLE zeros, and trims that hid data a snapshot kept) cost map
-//! pages too, 0.6–1.2% of the range they cover, and every volume with any
-//! entry takes at least one 16 KiB page.
+//! page of 320–640 entries: 0.6–1.25% of the range they map, up to 2.5% once
+//! pages shrink below half full; emptied pages and the slots of replaced
+//! ones leave at the next checkpoint, and slots no durable root uses are
+//! punched); the journal (about `journal_limit`, 24 MiB, plus up to 4 MiB
+//! of preallocated zeros; two journals exist during a checkpoint). A *fold*
+//! (`Fold::Space`) checkpoints when the journal or the stale page slots
+//! hold more than 1 MiB + 0.1% of the data: after a snapshot deletion's
+//! collection, a volume deletion, and once writes have paused for 5 s. Not
+//! covered by the bound: entries without data (NO_HOLE zeros, and trims
+//! that hid data a snapshot kept) cost map pages at the same rate per
+//! entry, and every volume with any entry takes at least one 16 KiB page.
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |

@@ -789,8 +789,12 @@ impl Pool {
             tracing::error!(volume = name, error = %e, "deleted volume's map is damaged");
         }
         // Its map pages stay in the meta file until a root without them is
-        // durable.
-        self.inner.fold_all()
+        // durable. The deletion itself is durable already: a failure here
+        // (the pool then refuses flushes until reopened) is not its own.
+        if let Err(e) = self.inner.fold_all() {
+            tracing::error!(volume = name, error = %e, "checkpoint after deleting a volume failed");
+        }
+        Ok(())
     }
 
     /// Takes a snapshot of the head: O(1), no data is copied.
@@ -880,11 +884,14 @@ impl Pool {
             .load(Ordering::Acquire)
             .then(|| Instant::now() + inner.opts.gc_foreground);
         let (last, done) = inner.reclaim(&cell, until);
+        inner.flush_upto(seq.max(last))?;
         if !done {
             inner.collector.ring();
-            return inner.flush_upto(seq.max(last));
+        } else if let Err(e) = inner.fold_all() {
+            // The deletion is durable; the checkpoint was for space only.
+            tracing::error!(volume, snapshot = name, error = %e, "checkpoint after deleting a snapshot failed");
         }
-        inner.flush_inner(seq.max(last), Fold::Space)
+        Ok(())
     }
 
     /// Journals a snapshot's removal and takes it off the volume's list
@@ -1812,8 +1819,9 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
             let piled = inner.piled_up(&inner.alloc.lock());
             // A journal past its limit is folded into a checkpoint now, not
             // at the next flush: it holds disk space until then.
-            let due =
-                inner.pages.dirty_over() || inner.journal.lock().pos > inner.opts.journal_limit;
+            // (A fresh journal's header alone is past a tiny test limit.)
+            let due = inner.pages.dirty_over()
+                || inner.journal.lock().pos > inner.opts.journal_limit.max(4096);
             let why = if due {
                 Fold::OverIdle
             } else if !seen.2 && seen.1.elapsed() >= FLUSH_INTERVAL {
@@ -1938,10 +1946,12 @@ impl Inner {
         // writes has nothing left to flush (the background flusher would
         // otherwise sync a new Sync record every few seconds for good).
         fs.durable_upto = if sync_seq == upto + 1 { sync_seq } else { upto };
+        // Space first: a checkpoint needs some (a full disk may have room
+        // for it only once this is given back).
+        self.release_durable(upto);
         if self.checkpoint_due(why) {
             self.checkpoint(fs)?;
         }
-        self.release_durable(upto);
         Ok(())
     }
 
@@ -2257,6 +2267,9 @@ impl Inner {
         fs.durable_upto = fs.durable_upto.max(seq);
         // Page slots the new root no longer references can be reused.
         self.pages.release(gen);
+        // So can data slots whose dropping records the root now holds
+        // (records after the flush's capture included).
+        self.release_durable(fs.durable_upto);
         Ok(())
     }
 }
@@ -2739,6 +2752,13 @@ impl Volume {
             return Err(e);
         }
         self.inner.data_dirty.store(true, Ordering::Release);
+        // From here the slots hold the new data: a failure before the map
+        // and the journal say so must keep any flush from making the old
+        // record durable, as above.
+        let torn = |e: Error| {
+            *self.inner.torn.lock() = Some(e.to_string());
+            e
+        };
         let mut st = self.cell.st.write();
         self.view_of(&st)?;
         // A redirect-on-write of the same block may have won meanwhile: then
@@ -2749,12 +2769,15 @@ impl Volume {
             if !unchanged {
                 break;
             }
-            unchanged = st.map.get((first + i as u64, cur))? == Some(Loc::Data { slot, crc });
+            unchanged =
+                st.map.get((first + i as u64, cur)).map_err(torn)? == Some(Loc::Data { slot, crc });
         }
         if !unchanged {
             return Ok(None);
         }
-        st.map.prepare((first, cur), (first + n as u64 - 1, cur))?;
+        st.map
+            .prepare((first, cur), (first + n as u64 - 1, cur))
+            .map_err(torn)?;
         let items: Vec<UpdateItem> = locs
             .iter()
             .enumerate()
@@ -2770,12 +2793,12 @@ impl Volume {
             birth: cur,
             items,
         };
-        let seq = self.inner.journal.lock().append(&rec)?;
+        let seq = self.inner.journal.lock().append(&rec).map_err(torn)?;
         let Record::Update { items, .. } = rec else {
             unreachable!()
         };
         let mut freed = Vec::new();
-        st.apply_update(cur, &items, &mut freed)?;
+        st.apply_update(cur, &items, &mut freed).map_err(torn)?;
         debug_assert!(freed.is_empty());
         drop(st);
         let mut fresh = self.inner.fresh.lock();
