@@ -248,11 +248,7 @@ impl PageStore {
         // process that stopped before it released them: nothing references
         // them (the open synced the directory, so no other root can become
         // the durable one), so their space goes back.
-        for (start, n) in crate::alloc::merge(free.clone()) {
-            if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
-                tracing::warn!(error = %e, "cannot punch free metadata page slots");
-            }
-        }
+        self.punch_slots(&free);
         if self.file.len().is_ok_and(|l| l > high * PAGE_BYTES) {
             if let Err(e) = self.file.set_len(high * PAGE_BYTES) {
                 tracing::warn!(error = %e, "cannot shorten the metadata page file");
@@ -277,6 +273,16 @@ impl PageStore {
     /// time for a checkpoint.
     pub fn dirty_over(&self) -> bool {
         self.dirty_pages() > self.dirty_limit
+    }
+
+    /// Gives the space of page slots nothing references back to the
+    /// filesystem.
+    fn punch_slots(&self, slots: &[u64]) {
+        for (start, n) in crate::alloc::merge(slots.to_vec()) {
+            if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
+                tracing::warn!(error = %e, "cannot punch free metadata page slots");
+            }
+        }
     }
 
     /// Slots that only the durable root still references: freed by the
@@ -398,11 +404,7 @@ impl PageStore {
         }
         // Nothing references these slots and nothing can take them before
         // they join `free` below: punch them without holding the lock.
-        for (start, n) in crate::alloc::merge(freed.clone()) {
-            if let Err(e) = self.file.punch_hole(start * PAGE_BYTES, n * PAGE_BYTES) {
-                tracing::warn!(error = %e, "cannot punch freed metadata page slots");
-            }
-        }
+        self.punch_slots(&freed);
         let mut s = self.space.lock();
         s.free.extend(freed);
         let old_high = s.high;
