@@ -60,7 +60,10 @@
 //! freed by overwrites stay allocated as a reuse reserve (24 MiB plus 4% of
 //! the data stored, `PoolOptions::reuse_reserve_*`) for small writes, and
 //! its excess is punched largest range first; so disk usage follows the live
-//! data. Writes of 16 blocks or more get one contiguous run (a punched range
+//! data. Opening a pool does the same with every free slot (a stopped
+//! process may have left freed slots unpunched): the reserve stays, the
+//! excess is punched, so a restart does not split the page-cache folios
+//! around each reserve slot. Writes of 16 blocks or more get one contiguous run (a punched range
 //! that fits, or the end of the file), small ones the scattered slots.
 //!
 //! Once deleted snapshots are collected and writes pause for a few seconds

@@ -614,7 +614,8 @@ impl Pool {
         if !unfinished.is_empty() {
             inner.fold_all()?;
         }
-        // Punch the space of slots nothing references (freed before a crash).
+        // Punch the space of free slots beyond the reuse reserve (slots
+        // freed before a crash never got punched).
         inner.punch_free_space();
         let flusher = start_flusher(&inner);
         let collector = start_collector(&inner);
@@ -2120,16 +2121,17 @@ impl Inner {
         self.alloc.lock().release_punched(&punch);
     }
 
-    /// Punches the space of every free slot. Called once at open, before
-    /// anything is allocated, when every free slot is one nothing references
-    /// (slots freed before a crash never got punched).
+    /// Called once at open, before anything is allocated, when every free
+    /// slot is one nothing references: the free slots beyond the reuse
+    /// reserve are punched (slots freed before a crash never got punched).
     fn punch_free_space(&self) {
-        let ranges = self.alloc.lock().free_ranges();
-        for (s, l) in ranges {
+        let ranges = self.alloc.lock().settle();
+        for &(s, l) in &ranges {
             if let Err(e) = self.data.punch_hole(s * B, l * B) {
                 tracing::warn!(error = %e, "cannot punch free space in the data file");
             }
         }
+        self.alloc.lock().release_punched(&ranges);
     }
 
     /// Writes the whole metadata state as a new checkpoint and switches to a

@@ -581,6 +581,57 @@ fn reuse_reserve_is_bounded() {
 }
 
 #[test]
+fn reopening_keeps_the_reuse_reserve_and_punches_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let opts = |reserve: u64| PoolOptions {
+        reuse_reserve_bytes: reserve,
+        reuse_reserve_percent: 0,
+        ..PoolOptions::default()
+    };
+    {
+        let pool = Pool::open(dir.path(), opts(4 << 20)).unwrap();
+        pool.create_volume("v", 32 << 20).unwrap();
+        let h = pool.open_head("v").unwrap();
+        for m in 0..32u64 {
+            h.write_at(&vec![1u8; 1 << 20], m << 20, false).unwrap();
+        }
+        pool.flush().unwrap();
+        // 2 MiB of scattered 4 KiB overwrites: the slots they free fit the
+        // 4 MiB reserve and stay allocated.
+        for b in (0..32u64 << 8).step_by(16) {
+            h.write_at(&[2u8; 4096], b * 4096, false).unwrap();
+        }
+        pool.flush().unwrap();
+        assert_eq!(pool.stats().free_slots, 512);
+        assert_eq!(allocated(&data), 34 << 20);
+    }
+    // The same reserve: nothing is punched (a punch of each scattered slot
+    // would split the page-cache folios around it).
+    let pool = Pool::open(dir.path(), opts(4 << 20)).unwrap();
+    assert_eq!(pool.stats().free_slots, 512);
+    assert_eq!(allocated(&data), 34 << 20);
+    drop(pool);
+    // Smaller reserves: the excess goes back to the filesystem.
+    for (reserve, left) in [(1u64 << 20, 33u64 << 20), (0, 32 << 20)] {
+        let pool = Pool::open(dir.path(), opts(reserve)).unwrap();
+        // (Plus the filesystem's extent blocks for the new holes.)
+        let now = allocated(&data);
+        assert!(
+            (left..left + (64 << 10)).contains(&now),
+            "reserve {reserve}: {now} bytes allocated, want {left}"
+        );
+        let h = pool.open_head("v").unwrap();
+        let mut buf = vec![0u8; 32 << 20];
+        h.read_at(&mut buf, 0).unwrap();
+        for (b, blk) in buf.chunks(4096).enumerate() {
+            let want = if b % 16 == 0 { 2 } else { 1 };
+            assert!(blk.iter().all(|&x| x == want), "block {b}");
+        }
+    }
+}
+
+#[test]
 fn damaged_journal_is_reported_not_truncated() {
     let dir = tempfile::tempdir().unwrap();
     {
