@@ -137,8 +137,10 @@
 //!   and a garbage drop among them is applied only if the replayed map still
 //!   makes that entry garbage, since it may rest on such a lost write.
 //!   A torn tail is cut off the journal (and synced) before anything else:
-//!   a journal followed by a later one counts as synced whole, so a tear
-//!   there is damage, and this open is about to create the next journal.
+//!   a journal followed by a later one with a header counts as synced whole
+//!   (a checkpoint syncs it, then writes the next one's header and appends
+//!   only there), so a tear there is damage, and this open is about to
+//!   create the next journal.
 //!   Then a new checkpoint is written and a fresh journal started.
 //! * Overwrite in place: a whole-block head write whose blocks are all born in
 //!   the current epoch and were written by records that no flush or
@@ -173,10 +175,16 @@
 //! * Opening syncs the directory before anything else: a root renamed into
 //!   place by a process that died before its directory sync is made durable
 //!   before the open writes pages into slots only the older root used.
-//! * A failed flush or checkpoint is sticky: every later flush fails until
-//!   the pool is reopened. A failed sync may have dropped written pages that
-//!   the kernel will not report again, so a later "successful" sync proves
-//!   nothing; the older root and the journals still hold everything.
+//! * A failed sync is sticky: every later flush fails until the pool is
+//!   reopened. A failed sync may have dropped written pages that the kernel
+//!   will not report again, so a later "successful" sync proves nothing;
+//!   the older root and the journals still hold everything. A failed write
+//!   (a full disk) fails its flush or checkpoint only: until the new root's
+//!   rename, the root in place and the journals from its own on hold
+//!   everything, so the next flush, once there is room, tries again. A
+//!   checkpoint that wrote its pages but no root leaves them in slots the
+//!   durable root does not use; the map in memory points at them and the
+//!   next checkpoint syncs them before its root does.
 //! * Applying a planned map change never reads the disk: `plan` makes the
 //!   block's pages dirty first, a new entry is set before the old one is
 //!   dropped, emptied pages stay in the directory until the next checkpoint,

@@ -402,11 +402,25 @@ impl Journal {
 
 struct FlushState {
     durable_upto: u64,
-    /// Set when a flush or checkpoint failed: a failed sync may have
-    /// dropped written pages that a later sync would not report again
-    /// (Linux marks them clean), so no later flush may promise durability.
-    /// Reopening the pool recovers from what is really on the medium.
+    /// Set when a sync of a flush or checkpoint failed: it may have dropped
+    /// written pages that a later sync would not report again (Linux marks
+    /// them clean), so no later flush may promise durability. Reopening the
+    /// pool recovers from what is really on the medium. A failed write
+    /// (no space, say) leaves nothing behind that a later flush would
+    /// wrongly call durable, so it fails that flush only: the next one,
+    /// once there is room, makes everything durable.
     broken: Option<String>,
+}
+
+impl FlushState {
+    /// Passes on the result of a sync, remembering a failure for good.
+    fn synced<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "a sync failed; later flushes fail too until the pool is reopened");
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
 }
 
 pub(crate) struct Inner {
@@ -1390,6 +1404,17 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
 
 /// Replays journal files from `first` on; returns the id of the journal to
 /// continue with (a new one).
+/// Whether journal `id` starts with its header.
+fn has_header(medium: &dyn Medium, id: u64) -> Result<bool> {
+    let f = medium
+        .open(&journal_name(id), false)
+        .map_err(|e| Error::io("cannot open a journal", e))?;
+    Ok(matches!(
+        FrameReader::new(&*f)?.next()?,
+        Next::Frame(_, Record::JournalHeader { journal_id }) if journal_id == id
+    ))
+}
+
 fn replay_journals(
     medium: &dyn Medium,
     data: &dyn MediumFile,
@@ -1441,8 +1466,11 @@ fn replay_journals(
         if let Some(off) = bad {
             // A crash can tear only what was never promised durable: bad
             // bytes followed by a later journal (this one was synced whole
-            // when it was switched) or by a Sync covering them are damage.
-            let next = ids.contains(&(id + 1));
+            // before that one got its header) or by a Sync covering them
+            // are damage. A later journal without a header is what a
+            // checkpoint cut short before writing it leaves: records went
+            // on to this one.
+            let next = ids.contains(&(id + 1)) && has_header(medium, id + 1)?;
             if next || durable_sync_after(&rd.rest(off)?, 0, last_seq) {
                 return Err(Error::corrupt(format!(
                     "metadata journal {} in {} is damaged at byte {off}: acknowledged writes after it cannot be recovered",
@@ -1912,8 +1940,9 @@ impl Inner {
         }
         let res = self.flush_locked(&mut fs, target, why);
         if let Err(e) = &res {
-            tracing::error!(error = %e, "flush failed; later flushes fail too until the pool is reopened");
-            fs.broken = Some(e.to_string());
+            if fs.broken.is_none() {
+                tracing::warn!(error = %e, "flush failed; the next one tries again");
+            }
         }
         res
     }
@@ -1932,7 +1961,7 @@ impl Inner {
         if self.data_dirty.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.data.sync_data() {
                 self.data_dirty.store(true, Ordering::Release);
-                return Err(Error::io("cannot sync the data file", e));
+                return fs.synced(Err(Error::io("cannot sync the data file", e)));
             }
         }
         let (file, sync_seq) = {
@@ -1940,8 +1969,10 @@ impl Inner {
             let seq = j.append(&Record::Sync { upto })?;
             (j.file.clone(), seq)
         };
-        file.sync_data()
-            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
+        fs.synced(
+            file.sync_data()
+                .map_err(|e| Error::io("cannot sync the metadata journal", e)),
+        )?;
         // The Sync record is durable too; when nothing came between it and
         // the capture, everything up to it is, and a pool with no new
         // writes has nothing left to flush (the background flusher would
@@ -2211,10 +2242,16 @@ impl Inner {
         // Records appended since the last flush must not be lost behind
         // durable records of the new journal: once the next journal exists,
         // this one is whole.
-        j.file
-            .sync_data()
-            .map_err(|e| Error::io("cannot sync the metadata journal", e))?;
+        fs.synced(
+            j.file
+                .sync_data()
+                .map_err(|e| Error::io("cannot sync the metadata journal", e)),
+        )?;
         // The new journal must exist durably before anything relies on it.
+        // Once its header is written, records go to it, never again to this
+        // one: opening takes a journal followed by one with a header as
+        // synced whole. Without a header (a failed write), it is removed
+        // again and this journal stays.
         let name = journal_name(new_id);
         self.medium
             .remove(&name)
@@ -2225,16 +2262,21 @@ impl Inner {
             .map_err(|e| Error::io("cannot create a journal", e))?;
         let mut head = Vec::new();
         Record::JournalHeader { journal_id: new_id }.encode_frame(seq, &mut head);
-        nf.write_at(&head, 0)
-            .and_then(|_| nf.sync_data())
-            .and_then(|_| self.medium.sync_dir())
-            .map_err(|e| Error::io("cannot create a journal", e))?;
+        if let Err(e) = nf.write_at(&head, 0) {
+            let _ = self.medium.remove(&name);
+            return Err(Error::io("cannot create a journal", e));
+        }
         let old_id = j.id;
-        j.file = nf;
+        j.file = nf.clone();
         j.id = new_id;
         j.pos = head.len() as u64;
         j.prealloc = j.pos;
         drop(j);
+        fs.synced(
+            nf.sync_data()
+                .and_then(|_| self.medium.sync_dir())
+                .map_err(|e| Error::io("cannot create a journal", e)),
+        )?;
         drop(guards);
         drop(vols);
         drop(inplace);
@@ -2242,20 +2284,33 @@ impl Inner {
         // Entries in the checkpoint may point at data not yet synced, and
         // the root at pages not yet synced.
         self.data_dirty.store(false, Ordering::Release);
-        self.data
-            .sync_data()
-            .map_err(|e| Error::io("cannot sync the data file", e))?;
-        self.pages.sync()?;
+        fs.synced(
+            self.data
+                .sync_data()
+                .map_err(|e| Error::io("cannot sync the data file", e)),
+        )?;
+        fs.synced(self.pages.sync())?;
+        // Until the rename, the root in place and the journals from its
+        // own on hold everything, so a failed write changes nothing.
         let tmp = self
             .medium
             .open(CHECKPOINT_TMP, true)
             .map_err(|e| Error::io("cannot write a checkpoint", e))?;
         tmp.set_len(0)
             .and_then(|_| tmp.write_at(&bytes, 0))
-            .and_then(|_| tmp.sync_data())
-            .and_then(|_| self.medium.rename(CHECKPOINT_TMP, CHECKPOINT))
-            .and_then(|_| self.medium.sync_dir())
             .map_err(|e| Error::io("cannot write a checkpoint", e))?;
+        fs.synced(
+            tmp.sync_data()
+                .map_err(|e| Error::io("cannot sync a checkpoint", e)),
+        )?;
+        self.medium
+            .rename(CHECKPOINT_TMP, CHECKPOINT)
+            .map_err(|e| Error::io("cannot put a checkpoint in place", e))?;
+        fs.synced(
+            self.medium
+                .sync_dir()
+                .map_err(|e| Error::io("cannot sync the data directory", e)),
+        )?;
         for name in self.medium.list().unwrap_or_default() {
             if let Some(id) = name
                 .strip_prefix("journal.")
