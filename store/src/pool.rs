@@ -623,10 +623,13 @@ impl Pool {
         let until = Instant::now() + inner.opts.gc_foreground;
         let mut left = false;
         for cell in &unfinished {
-            left |= !inner.reclaim(cell, Some(until)).1;
+            left |= !inner.reclaim(cell, Some(until)).is_ok_and(|r| r.1);
         }
         if !unfinished.is_empty() {
-            inner.fold_all()?;
+            // Best effort: drops that stay unflushed free nothing yet.
+            if let Err(e) = inner.fold_all() {
+                tracing::warn!(error = %e, "cannot flush the garbage collected at open");
+            }
         }
         // Punch the space of free slots beyond the reuse reserve (slots
         // freed before a crash never got punched).
@@ -891,14 +894,16 @@ impl Pool {
         let seq = self.unlist_snapshot(&cell, volume, name)?;
         // The snapshot is gone; now the entries only it saw, in batches,
         // here for up to `gc_foreground`, then in the background.
-        // Failing that costs space, not data: the next open tries again.
+        // Failing that costs space, not data: out of space, the background
+        // collector goes on once there is room; otherwise the next open
+        // tries again.
         let inner = &self.inner;
         let until = inner
             .collector
             .alive
             .load(Ordering::Acquire)
             .then(|| Instant::now() + inner.opts.gc_foreground);
-        let (last, done) = inner.reclaim(&cell, until);
+        let (last, done) = inner.reclaim(&cell, until).unwrap_or((0, false));
         inner.flush_upto(seq.max(last))?;
         if !done {
             inner.collector.ring();
@@ -1815,9 +1820,18 @@ fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
         "snapgate-gc",
         std::time::Duration::from_secs(1),
         "cannot start the garbage collector thread; snapshot deletions collect in the foreground",
-        |inner| {
-            if let Err(e) = inner.collect_all() {
-                tracing::warn!(error = %e, "flush after garbage collection failed");
+        {
+            // After a failure (a full disk, say), wait a while before the
+            // next try.
+            let mut quiet_until = std::time::Instant::now();
+            move |inner| {
+                if std::time::Instant::now() < quiet_until {
+                    return;
+                }
+                if let Err(e) = inner.collect_all() {
+                    tracing::warn!(error = %e, "garbage collection failed; trying again in a few seconds");
+                    quiet_until = std::time::Instant::now() + FLUSH_INTERVAL;
+                }
             }
         },
     )
@@ -1827,6 +1841,7 @@ fn start_collector(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
 /// `FLUSH_INTERVAL`; it ends when the [`Pool`] is dropped.
 fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
     let mut last = std::time::Instant::now();
+    let mut failed = false;
     // The journal's sequence number last seen, since when, and whether the
     // quiet since then was used to fold.
     let mut seen = (0, std::time::Instant::now(), false);
@@ -1861,10 +1876,19 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
             } else {
                 Fold::Over
             };
-            if piled || why != Fold::Over || last.elapsed() >= FLUSH_INTERVAL {
-                if let Err(e) = inner.flush_inner(target, why) {
-                    tracing::warn!(error = %e, "background flush failed");
-                }
+            // After a failure (a full disk, say), the next try waits for the
+            // interval.
+            let retry = !failed || last.elapsed() >= FLUSH_INTERVAL;
+            if retry && (piled || why != Fold::Over || last.elapsed() >= FLUSH_INTERVAL) {
+                failed = match inner.flush_inner(target, why) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        if inner.flush.lock().broken.is_none() {
+                            tracing::warn!(error = %e, "background flush failed; trying again in a few seconds");
+                        }
+                        true
+                    }
+                };
                 last = std::time::Instant::now();
             }
         },
@@ -1935,16 +1959,10 @@ impl Inner {
         if let Some(why) = &fs.broken {
             return Err(Error::new(
                 ErrorKind::Io,
-                format!("an earlier flush failed ({why}); durability can no longer be promised: restart to recover from the medium"),
+                format!("an earlier sync failed ({why}); durability can no longer be promised: restart to recover from the medium"),
             ));
         }
-        let res = self.flush_locked(&mut fs, target, why);
-        if let Err(e) = &res {
-            if fs.broken.is_none() {
-                tracing::warn!(error = %e, "flush failed; the next one tries again");
-            }
-        }
-        res
+        self.flush_locked(&mut fs, target, why)
     }
 
     fn flush_locked(&self, fs: &mut FlushState, target: u64, why: Fold) -> Result<()> {
@@ -2087,16 +2105,20 @@ impl Inner {
         }
     }
 
-    /// [`Inner::collect_garbage`] with its failure logged: garbage costs
-    /// space, not data, so the volume's collection is given up until the
-    /// next deletion or open.
-    fn reclaim(&self, cell: &Arc<VolCell>, until: Option<Instant>) -> (u64, bool) {
+    /// [`Inner::collect_garbage`], its failures handled: garbage costs
+    /// space, not data. Out of space (no room for a journal record), the
+    /// collection stays where it is, for the background collector to go
+    /// on with once there is room, and the error is returned. Any other
+    /// failure gives the volume's collection up until the next deletion or
+    /// open (logged).
+    fn reclaim(&self, cell: &Arc<VolCell>, until: Option<Instant>) -> Result<(u64, bool)> {
         match self.collect_garbage(cell, until) {
-            Ok(r) => r,
+            Ok(r) => Ok(r),
+            Err(e) if e.kind() == ErrorKind::NoSpace => Err(e),
             Err(e) => {
                 tracing::warn!(volume = %cell.name, error = %e, "cannot collect the garbage of deleted snapshots; their space stays in use until the next open");
                 cell.st.write().gc_from = None;
-                (0, true)
+                Ok((0, true))
             }
         }
     }
@@ -2119,10 +2141,14 @@ impl Inner {
         if cells.is_empty() {
             return Ok(());
         }
+        let mut res = Ok(());
         for cell in &cells {
-            self.reclaim(cell, None);
+            if let Err(e) = self.reclaim(cell, None) {
+                res = Err(e);
+            }
         }
-        self.fold_all()
+        self.fold_all()?;
+        res
     }
 
     /// Frees slots whose dropping records are durable.

@@ -236,3 +236,51 @@ fn a_torn_journal_before_one_without_a_header_is_cut_not_damage() {
         |_| vec![1, 2],
     );
 }
+
+/// A snapshot deleted on a full disk: its collection cannot journal its
+/// drops, so it waits, and the background collector finishes it once
+/// there is room (before, it was given up until the pool was reopened).
+#[test]
+fn a_collection_out_of_space_goes_on_once_there_is_room() {
+    for n in 0..8u64 {
+        let left = Arc::new(AtomicU64::new(ROOM));
+        let m = MemMedium::new();
+        let medium = Arc::new(Full {
+            m: m.clone(),
+            left: left.clone(),
+        });
+        let pool = Pool::open_medium(medium, opts()).unwrap();
+        pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+        let h = pool.open_head("v").unwrap();
+        for b in 0..BLOCKS {
+            write(&h, 1, b).unwrap();
+        }
+        pool.create_snapshot("v", "a").unwrap();
+        for b in 0..BLOCKS {
+            write(&h, 2, b).unwrap();
+        }
+        h.flush().unwrap();
+        let free_before = pool.stats().free_slots;
+        left.store(n, Ordering::SeqCst);
+        if let Err(e) = pool.delete_snapshot("v", "a") {
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "n={n}: {e}");
+        }
+        left.store(ROOM, Ordering::SeqCst);
+        if !pool.snapshots("v").unwrap().is_empty() {
+            // Not even the deletion's record fitted.
+            pool.delete_snapshot("v", "a").unwrap();
+        }
+        let t = std::time::Instant::now();
+        while pool.stats().gc_pending_volumes > 0 || pool.stats().free_slots < free_before + BLOCKS
+        {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "n={n}: the collection did not go on: {:?}",
+                pool.stats()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        h.flush().unwrap();
+        check(m.crash(|_, _| false), &format!("n={n}"), |_| vec![2]);
+    }
+}
