@@ -314,6 +314,21 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
 pub struct Options {
     /// Also serve NBD on a Unix socket (`--socket <tmp>/nbd.sock`).
     pub unix_socket: bool,
+    /// Put the data directory on a tmpfs of this many bytes (a small disk
+    /// that fills up). Needs root: see [`can_mount`].
+    pub data_fs_bytes: Option<u64>,
+}
+
+/// Whether this process may mount filesystems (root); under CI=true it
+/// must.
+pub fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(!in_ci(), "mounting a tmpfs needs root under CI=true");
+    eprintln!("SKIP: mounting a tmpfs needs root");
+    false
 }
 
 /// A running `snapgate serve` on private ports and a private data directory.
@@ -331,6 +346,8 @@ pub struct Gateway {
     /// Unix socket path when started with `unix_socket`.
     pub socket: Option<PathBuf>,
     starts: u32,
+    /// The data directory is a tmpfs mount point (unmounted on drop).
+    mounted: bool,
 }
 
 impl Gateway {
@@ -360,7 +377,17 @@ impl Gateway {
             admin_port: 0,
             socket,
             starts: 0,
+            mounted: false,
         };
+        if let Some(bytes) = opts.data_fs_bytes {
+            std::fs::create_dir_all(&gw.data).expect("mkdir data");
+            run(Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes}"))
+                .arg("tmpfs")
+                .arg(&gw.data));
+            gw.mounted = true;
+        }
         // A port picked by free_port() can be taken by a parallel test before
         // the gateway binds it: retry with new ports a few times.
         let mut last_err = String::new();
@@ -651,6 +678,13 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill9();
+        if self.mounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.data)
+                .stderr(Stdio::null())
+                .status();
+        }
         if std::thread::panicking() {
             let log = self.log();
             let tail: String = {

@@ -12,6 +12,7 @@
 use snapgate_e2e::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -144,4 +145,64 @@ fn thin_trim_zero_and_snapshot_reclaim() {
         "deleted volume still uses {} MiB",
         mib(u.saturating_sub(base))
     );
+}
+
+/// Free bytes of the filesystem holding `dir`.
+fn fs_free(dir: &Path) -> u64 {
+    let out = run(Command::new("df").args(["-B1", "--output=avail"]).arg(dir));
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("cannot read df output: {out}"))
+}
+
+/// A full disk (M1, M4): writes get ENOSPC over NBD and the gateway goes
+/// on serving; deleting a snapshot gives space back, and writes and
+/// flushes then succeed with no restart; everything flushed survives a
+/// `kill -9`.
+#[test]
+fn a_full_disk_gets_enospc_and_recovers_once_a_snapshot_is_deleted() {
+    if !require_tools(&["qemu-io", "df", "mount", "umount"]) || !can_mount() {
+        return;
+    }
+    let mut gw = Gateway::start_with(Options {
+        data_fs_bytes: Some(160 * MIB),
+        ..Options::default()
+    });
+    let dir = gw.data_dir().to_path_buf();
+    gw.create_volume("v", "1G");
+    gw.qemu_io_ok("v", &["write -P 0x41 0 64M", "flush"]);
+    gw.snapshot("v", "s");
+    // 128 MiB more does not fit next to the snapshot's 64 MiB.
+    let out = gw.qemu_io("v", &["write -P 0x42 0 128M"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "writing past the disk's size: {text}"
+    );
+    assert!(fs_free(&dir) < 8 * MIB, "the disk did not fill up");
+    // Other requests keep working: the snapshot still reads whole.
+    let out = run(Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read -P 0x41 0 64M"])
+        .arg(gw.nbd_uri("v@s")));
+    assert!(!out.contains("failed"), "reading the snapshot: {out}");
+    // Deleting the snapshot gives its space back, in the background.
+    gw.cli_ok(&["snapshot", "delete", "v", "s"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs_free(&dir) < 48 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "space did not come back: {} MiB free",
+            mib(fs_free(&dir))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Writes and flushes succeed again, no restart needed.
+    gw.qemu_io_ok("v", &["write -P 0x43 0 64M", "flush"]);
+    gw.restart();
+    gw.qemu_io_ok("v", &["read -P 0x43 0 64M"]);
 }
