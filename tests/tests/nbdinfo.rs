@@ -244,7 +244,10 @@ fn unix_socket_export() {
     if !require_tools(&["nbdinfo", "qemu-io"]) {
         return;
     }
-    let gw = Gateway::start_with(Options { unix_socket: true });
+    let gw = Gateway::start_with(Options {
+        unix_socket: true,
+        ..Options::default()
+    });
     gw.create_volume("u", "4M");
     let uri = gw.nbd_unix_uri("u");
     let size = run(Command::new("nbdinfo").args(["--size", &uri]));
