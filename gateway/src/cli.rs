@@ -92,7 +92,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub peer_listen: Option<String>,
     /// Memory for volume map pages (half for pages read from disk, half
-    /// for changed pages waiting to be written).
+    /// for changed pages waiting to be written; the more, the fewer map
+    /// writes per small random write once much data is written).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub map_cache: u64,
 }

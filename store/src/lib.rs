@@ -190,19 +190,19 @@
 //!   dropped, emptied pages stay in the directory until the next checkpoint,
 //!   and small pages merge only with neighbours already in memory.
 //! * Checkpoints start when the journal passes `journal_limit` (24 MiB), or
-//!   when changed pages fill their half of `map_cache_bytes` (at the next
+//!   when changed pages fill their share of `map_cache_bytes` (at the next
 //!   flush, or by the background flusher, which checks both every 200 ms),
 //!   and at a fold (see "Redirect-on-write map and snapshots").
 //!   A checkpoint writes every changed page whole (16 KiB, for maybe one
-//!   changed entry). So small random overwrites stay cheap only while the
-//!   pages they touch fit that half (about 1600 pages of 320-640 entries
-//!   with the default 64 MiB: 2 GiB or so of written 4 KiB blocks). Over
-//!   more written data, checkpoints come every few thousand writes:
-//!   measured write amplification (4 KiB random writes, a flush every 64)
-//!   1.03 over 1 GiB written, 1.74 over 2 GiB, 4.4 over 4 GiB, 5.0 over
-//!   8 GiB. A larger map cache moves the point; keeping only the changed
-//!   entries of a page in memory, not the whole page, would move it much
-//!   further (not done).
+//!   changed entry), so what matters is how many changes a page carries
+//!   by then. Changed pages past their memory become *patches* (the page's
+//!   old slot plus its few changes, see pages.rs), so scattered small
+//!   writes can change far more pages between checkpoints: measured write
+//!   amplification (300 000 random 4 KiB writes, a flush every 64, default
+//!   options) 1.03 over 1 GiB written, 1.07 over 4 GiB, 1.12 over 8 GiB,
+//!   1.20 over 16 GiB (whole dirty pages only: 1.74 over 2 GiB, 4.4 over
+//!   4 GiB, 5.0 over 8 GiB). It grows again once the pages written hold
+//!   many times the patches' memory (a larger map cache moves that point).
 //!
 //! ## Locks (taken in this order, never the reverse)
 //! | lock | guards | held by |
@@ -278,8 +278,10 @@ pub struct PoolOptions {
     /// See `reuse_reserve_bytes`.
     pub reuse_reserve_percent: u64,
     /// Memory for map pages: half for pages read from disk (an LRU cache
-    /// shared by every volume), half for changed pages waiting for the
-    /// next checkpoint (which starts when they fill it).
+    /// shared by every volume), the rest for changed pages waiting for the
+    /// next checkpoint (which starts when they fill it): a quarter whole,
+    /// then (as patches) an eighth as their changes only, and an eighth for
+    /// pages that cannot be patched.
     pub map_cache_bytes: u64,
     /// Most entries in a map page (4 ..= 640; smaller only in tests).
     pub map_page_entries: usize,

@@ -154,6 +154,7 @@ impl VolState {
                 }
             }
         }
+        self.map.spill_if_due();
         Ok(())
     }
 
@@ -163,6 +164,7 @@ impl VolState {
                 self.forget(old, freed);
             }
         }
+        self.map.spill_if_due();
         Ok(())
     }
 
