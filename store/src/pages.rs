@@ -264,6 +264,10 @@ pub(crate) struct PageStore {
     dirty_limit: usize,
     /// Memory of the patches of all volumes.
     patch_bytes: AtomicUsize,
+    /// Dirty pages left after the last spill (they could not be patched):
+    /// the next spill waits for more, so writes do not walk the directory
+    /// again and again for nothing.
+    spill_left: AtomicUsize,
     /// Patches beyond this much memory call for a checkpoint.
     patch_limit: usize,
     /// Cache misses that read a page from the meta file.
@@ -294,6 +298,7 @@ impl PageStore {
             shard_cap: cache_bytes / 2 / CACHE_SHARDS,
             dirty_limit: (cache_bytes / 4 / dirty_page_mem(page_max.clamp(4, PAGE_MAX))).max(8),
             patch_bytes: AtomicUsize::new(0),
+            spill_left: AtomicUsize::new(0),
             patch_limit: cache_bytes / 8,
             next_id: AtomicU64::new(1),
             space: Mutex::new(Space::default()),
@@ -344,7 +349,9 @@ impl PageStore {
     /// Whether dirty pages take more than their quarter of the cache:
     /// time to patch them ([`PagedMap::spill`]).
     pub fn spill_due(&self) -> bool {
-        self.dirty_pages() > self.dirty_limit
+        let dirty = self.dirty_pages();
+        dirty > self.dirty_limit
+            && dirty > self.spill_left.load(Ordering::Acquire) + self.dirty_limit / 8
     }
 
     /// Changes a dirty page may carry and still be patched.
@@ -1027,6 +1034,7 @@ impl PagedMap {
             self.store.cache_put(id, Arc::new(page));
             out.push((*lo, r));
         }
+        self.store.spill_left.store(0, Ordering::Release);
         Ok(out)
     }
 
@@ -1066,6 +1074,9 @@ impl PagedMap {
             *slot = Slot::Patched(*h);
             n += 1;
         }
+        self.store
+            .spill_left
+            .store(self.store.dirty_pages(), Ordering::Release);
         n
     }
 }
