@@ -268,6 +268,8 @@ pub(crate) struct PageStore {
     /// the next spill waits for more, so writes do not walk the directory
     /// again and again for nothing.
     spill_left: AtomicUsize,
+    /// Off while the journal is replayed at open.
+    spilling: std::sync::atomic::AtomicBool,
     /// Patches beyond this much memory call for a checkpoint.
     patch_limit: usize,
     /// Cache misses that read a page from the meta file.
@@ -299,6 +301,7 @@ impl PageStore {
             dirty_limit: (cache_bytes / 4 / dirty_page_mem(page_max.clamp(4, PAGE_MAX))).max(8),
             patch_bytes: AtomicUsize::new(0),
             spill_left: AtomicUsize::new(0),
+            spilling: std::sync::atomic::AtomicBool::new(true),
             patch_limit: cache_bytes / 8,
             next_id: AtomicU64::new(1),
             space: Mutex::new(Space::default()),
@@ -350,8 +353,14 @@ impl PageStore {
     /// time to patch them ([`PagedMap::spill`]).
     pub fn spill_due(&self) -> bool {
         let dirty = self.dirty_pages();
-        dirty > self.dirty_limit
+        self.spilling.load(Ordering::Acquire)
+            && dirty > self.dirty_limit
             && dirty > self.spill_left.load(Ordering::Acquire) + self.dirty_limit / 8
+    }
+
+    /// Turns patching on or off (off while the journal is replayed).
+    pub fn set_spilling(&self, on: bool) {
+        self.spilling.store(on, Ordering::Release);
     }
 
     /// Changes a dirty page may carry and still be patched.

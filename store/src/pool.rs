@@ -553,7 +553,12 @@ impl Pool {
             journal_id = jid;
             seq = s;
         }
+        // Replay writes changed pages back itself when they pass their
+        // memory, and the open's checkpoint writes the rest: patching them
+        // meanwhile would only read their old slots again.
+        pages.set_spilling(false);
         let last_jid = replay_journals(&*medium, &*data, journal_id, &mut vols, &mut seq)?;
+        pages.set_spilling(true);
         let file_slots = data
             .len()
             .map_err(|e| Error::io("cannot stat the data file", e))?
