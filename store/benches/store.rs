@@ -125,6 +125,25 @@ fn offsets(n: usize, blocks: u64, seed: u64) -> Vec<u64> {
     (0..n).map(|_| rng.gen_range(0..blocks) * 4096).collect()
 }
 
+/// 4 KiB reads at `offs` from the store and from the plain file in turn
+/// (page cache): median seconds of each.
+fn hot_reads(v: &store::Volume, f: &std::fs::File, offs: &[u64]) -> (f64, f64) {
+    let (mut b4, mut c4) = (vec![0u8; 4096], vec![0u8; 4096]);
+    alternate(
+        RUNS,
+        |_| {
+            for &o in offs {
+                v.read_at(&mut b4, o).unwrap();
+            }
+        },
+        |_| {
+            for &o in offs {
+                f.read_exact_at(&mut c4, o).unwrap();
+            }
+        },
+    )
+}
+
 fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
     let pool = Pool::open(dir.join("pool"), PoolOptions::default()).unwrap();
     pool.create_volume("bench", VOL).unwrap();
@@ -238,19 +257,7 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
 
     let (mut b4, mut c4) = (vec![0u8; 4096], vec![0u8; 4096]);
     let offs = offsets(n, VOL / 4096, 3);
-    let (s, p) = alternate(
-        RUNS,
-        |_| {
-            for &o in &offs {
-                v.read_at(&mut b4, o).unwrap();
-            }
-        },
-        |_| {
-            for &o in &offs {
-                f.read_exact_at(&mut c4, o).unwrap();
-            }
-        },
-    );
+    let (s, p) = hot_reads(&v, &f, &offs);
     rows.push(Row {
         name: format!("4 KiB random read (page cache; median of {RUNS})"),
         store: n as f64 / s,
@@ -296,19 +303,7 @@ fn io_rows(dir: &Path, rows: &mut Vec<Row>) {
     for &o in &offs {
         v.read_at(&mut b4, o).unwrap();
     }
-    let (s, p) = alternate(
-        RUNS,
-        |_| {
-            for &o in &offs {
-                v.read_at(&mut b4, o).unwrap();
-            }
-        },
-        |_| {
-            for &o in &offs {
-                f.read_exact_at(&mut c4, o).unwrap();
-            }
-        },
-    );
+    let (s, p) = hot_reads(&v, &f, &offs);
     rows.push(Row {
         name: format!("4 KiB random read after reopening (page cache; median of {RUNS})"),
         store: n as f64 / s,

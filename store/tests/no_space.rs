@@ -131,22 +131,29 @@ fn check(m: MemMedium, what: &str, allowed: impl Fn(u64) -> Vec<u8>) {
     }
 }
 
+/// A pool on a [`Full`] medium with room, and volume `v` holding
+/// generation 1 in its first blocks.
+fn start() -> (MemMedium, Arc<AtomicU64>, Arc<Pool>, store::Volume) {
+    let left = Arc::new(AtomicU64::new(ROOM));
+    let m = MemMedium::new();
+    let medium = Arc::new(Full {
+        m: m.clone(),
+        left: left.clone(),
+    });
+    let pool = Pool::open_medium(medium, opts()).unwrap();
+    pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+    let h = pool.open_head("v").unwrap();
+    for b in 0..BLOCKS {
+        write(&h, 1, b).unwrap();
+    }
+    (m, left, pool, h)
+}
+
 #[test]
 fn a_full_disk_fails_the_flush_loses_nothing_and_the_next_flush_succeeds() {
     let mut failed_flushes = 0;
     for n in 0..60u64 {
-        let left = Arc::new(AtomicU64::new(ROOM));
-        let m = MemMedium::new();
-        let medium = Arc::new(Full {
-            m: m.clone(),
-            left: left.clone(),
-        });
-        let pool = Pool::open_medium(medium, opts()).unwrap();
-        pool.create_volume("v", 64 * BLOCK as u64).unwrap();
-        let h = pool.open_head("v").unwrap();
-        for b in 0..BLOCKS {
-            write(&h, 1, b).unwrap();
-        }
+        let (m, left, _pool, h) = start();
         h.flush().unwrap();
         for b in 0..BLOCKS {
             write(&h, 2, b).unwrap();
@@ -243,18 +250,7 @@ fn a_torn_journal_before_one_without_a_header_is_cut_not_damage() {
 #[test]
 fn a_collection_out_of_space_goes_on_once_there_is_room() {
     for n in 0..8u64 {
-        let left = Arc::new(AtomicU64::new(ROOM));
-        let m = MemMedium::new();
-        let medium = Arc::new(Full {
-            m: m.clone(),
-            left: left.clone(),
-        });
-        let pool = Pool::open_medium(medium, opts()).unwrap();
-        pool.create_volume("v", 64 * BLOCK as u64).unwrap();
-        let h = pool.open_head("v").unwrap();
-        for b in 0..BLOCKS {
-            write(&h, 1, b).unwrap();
-        }
+        let (m, left, pool, h) = start();
         pool.create_snapshot("v", "a").unwrap();
         for b in 0..BLOCKS {
             write(&h, 2, b).unwrap();
