@@ -501,7 +501,7 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
         "Volumes in the pool.",
     );
     let _ = writeln!(out, "snapgate_volumes {}", volumes.len());
-    let pool_metrics: [(&str, &str, &str, u64); 6] = [
+    let pool_metrics: [(&str, &str, &str, u64); 7] = [
         (
             "snapgate_map_pages",
             "gauge",
@@ -513,6 +513,12 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
             "gauge",
             "Map pages changed since the last checkpoint (held in memory).",
             stats.map_dirty_pages,
+        ),
+        (
+            "snapgate_map_patch_bytes",
+            "gauge",
+            "Memory of changed map pages kept as patches (old page plus changes) until the next checkpoint.",
+            stats.map_patch_bytes,
         ),
         (
             "snapgate_map_cache_bytes",

@@ -452,6 +452,11 @@ impl Record {
         r.0.is_empty().then_some(rec)
     }
 
+    /// The length of the frame of an [`Record::Update`] of `items` items.
+    pub fn update_frame_len(items: usize) -> u64 {
+        (FRAME_HEADER + 13 + items * 26) as u64
+    }
+
     /// Appends this record as one frame with sequence number `seq`.
     pub fn encode_frame(&self, seq: u64, out: &mut Vec<u8>) {
         write_frame(seq, out, |w| self.encode_payload(w));
@@ -546,6 +551,27 @@ pub fn block_crc(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn update_frame_len_is_the_encoded_length() {
+        for n in [0usize, 1, 7, 1024] {
+            let items = (0..n as u64)
+                .map(|b| UpdateItem {
+                    block: b,
+                    set: (b % 2 == 0).then_some(Loc::Data { slot: b, crc: 3 }),
+                    drop: (b % 3 == 0).then_some(2),
+                })
+                .collect();
+            let mut out = Vec::new();
+            Record::Update {
+                vol: 1,
+                birth: 2,
+                items,
+            }
+            .encode_frame(9, &mut out);
+            assert_eq!(out.len() as u64, Record::update_frame_len(n));
+        }
+    }
 
     fn all_records() -> Vec<Record> {
         vec![

@@ -59,7 +59,7 @@ use crate::format::{self, decode_frame, Decoded, PageRef, Record};
 use crate::medium::MediumFile;
 use crate::Loc;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -244,6 +244,11 @@ struct Space {
     /// (generation, slot): retired slots still referenced by the durable
     /// root.
     retired: Vec<(u64, u64)>,
+    /// Retired slots that stay retired whatever checkpoints complete: the
+    /// bases of patches in a map taken out of its volume (a deleted
+    /// volume's, read after the volume lock is gone), which no checkpoint
+    /// writes back. See [`PagedMap::take`].
+    held: HashSet<u64>,
     /// Incremented by every checkpoint when it captures the map.
     gen: u64,
 }
@@ -335,6 +340,10 @@ impl PageStore {
     /// The id the next written page gets (kept in the root).
     pub fn next_id(&self) -> u64 {
         self.next_id.load(Ordering::Acquire)
+    }
+
+    pub fn patch_bytes(&self) -> usize {
+        self.patch_bytes.load(Ordering::Acquire)
     }
 
     pub fn dirty_pages(&self) -> usize {
@@ -517,11 +526,13 @@ impl PageStore {
         let mut freed = Vec::new();
         {
             let mut s = self.space.lock();
-            s.retired.retain(|&(g, slot)| {
-                if g <= gen {
+            let Space { retired, held, .. } = &mut *s;
+            retired.retain(|&(g, slot)| {
+                let free = g <= gen && !held.contains(&slot);
+                if free {
                     freed.push(slot);
                 }
-                g > gen
+                !free
             });
         }
         // Nothing references these slots and nothing can take them before
@@ -555,6 +566,8 @@ pub(crate) struct PagedMap {
     store: Arc<PageStore>,
     vol: u32,
     dir: BTreeMap<Key, Slot>,
+    /// Patch bases this map holds retired (see [`PagedMap::take`]).
+    held: Vec<u64>,
 }
 
 /// A page borrowed from the directory or shared with the cache.
@@ -577,6 +590,12 @@ impl Drop for PagedMap {
     fn drop(&mut self) {
         for s in self.dir.values() {
             self.store.forget(s);
+        }
+        if !self.held.is_empty() {
+            let mut s = self.store.space.lock();
+            for slot in &self.held {
+                s.held.remove(slot);
+            }
         }
     }
 }
@@ -605,7 +624,31 @@ impl PagedMap {
             store,
             vol,
             dir: BTreeMap::new(),
+            held: Vec::new(),
         }
+    }
+
+    /// Takes the whole map out, leaving an empty one, to be read after the
+    /// volume lock is released (a deleted volume's map, cleared once its
+    /// deletion is durable). Checkpoints write back only the maps of their
+    /// volumes, so the bases of the taken map's patches are held retired
+    /// until it is dropped: a checkpoint meanwhile must not free (punch,
+    /// reuse) what the patches are put together from.
+    pub fn take(&mut self) -> PagedMap {
+        let mut map = std::mem::replace(self, PagedMap::new(self.store.clone(), self.vol));
+        map.held = map
+            .dir
+            .values()
+            .filter_map(|s| match s {
+                Slot::Patched(p) => Some(p.base.slot),
+                _ => None,
+            })
+            .collect();
+        if !map.held.is_empty() {
+            let mut s = self.store.space.lock();
+            s.held.extend(map.held.iter().copied());
+        }
+        map
     }
 
     /// Adds a written page from the root.

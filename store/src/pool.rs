@@ -376,29 +376,67 @@ struct Journal {
     chunk: u64,
     seq: u64,
     buf: Vec<u8>,
+    /// A frame write failed part way (no space): its bytes may lie past
+    /// `pos`, under later shorter frames. Harmless at the tail of the
+    /// newest journal (opening cuts a torn tail), but a journal followed by
+    /// another is taken as whole, so a checkpoint cuts such bytes off
+    /// before it switches.
+    stale_tail: bool,
 }
 
 impl Journal {
     fn append(&mut self, rec: &Record) -> Result<u64> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        rec.encode_frame(self.seq + 1, &mut buf);
+        let r = self.append_frame(&buf);
+        self.buf = buf;
+        r
+    }
+
+    fn append_frame(&mut self, frame: &[u8]) -> Result<u64> {
+        self.reserve(frame.len() as u64)?;
+        if let Err(e) = self.file.write_at(frame, self.pos) {
+            self.stale_tail = true;
+            return Err(Error::io("cannot append to the metadata journal", e));
+        }
+        self.pos += frame.len() as u64;
         self.seq += 1;
-        self.buf.clear();
-        rec.encode_frame(self.seq, &mut self.buf);
-        let end = self.pos + self.buf.len() as u64;
+        Ok(self.seq)
+    }
+
+    /// Allocates room for `len` more bytes, so that appending them only
+    /// overwrites written zeros (which needs no space on filesystems that
+    /// overwrite in place).
+    fn reserve(&mut self, len: u64) -> Result<()> {
+        let end = self.pos + len;
         if end > self.prealloc {
             let to = end.div_ceil(self.chunk) * self.chunk;
             let zeros = vec![0u8; (to - self.prealloc) as usize];
-            if let Err(e) = self.file.write_at(&zeros, self.prealloc) {
-                self.seq -= 1;
-                return Err(Error::io("cannot grow the metadata journal", e));
-            }
+            self.file
+                .write_at(&zeros, self.prealloc)
+                .map_err(|e| Error::io("cannot grow the metadata journal", e))?;
             self.prealloc = to;
         }
-        if let Err(e) = self.file.write_at(&self.buf, self.pos) {
-            self.seq -= 1;
-            return Err(Error::io("cannot append to the metadata journal", e));
-        }
-        self.pos += self.buf.len() as u64;
-        Ok(self.seq)
+        Ok(())
+    }
+}
+
+/// The records a request appended, for FUA: flushing up to its last one
+/// flushes the earlier ones too. A part that changed nothing (record 0)
+/// may rest on records not flushed yet, even ones appended after the
+/// request's own (a FUA trim after a plain trim of the same block), so
+/// then everything is flushed.
+#[derive(Default, Clone, Copy)]
+struct Records {
+    last: u64,
+    unchanged: bool,
+}
+
+impl Records {
+    fn add(&mut self, seq: u64) {
+        self.unchanged |= seq == 0;
+        self.last = self.last.max(seq);
     }
 }
 
@@ -598,6 +636,7 @@ impl Pool {
                     .max(4096),
                 seq,
                 buf: Vec::new(),
+                stale_tail: false,
             }),
             alloc: Mutex::new(alloc),
             reuse: RwLock::new(()),
@@ -784,8 +823,9 @@ impl Pool {
         vols.by_id.remove(&cell.id);
         st.deleted = true;
         // The map is read after the locks are released: its page slots stay
-        // untouched until it is cleared (retired) below.
-        let mut map = std::mem::replace(&mut st.map, PagedMap::new(vols.pages.clone(), cell.id));
+        // untouched until it is cleared (retired) below, and so do its
+        // patches' bases (held).
+        let mut map = st.map.take();
         st.snaps.clear();
         st.data_entries = 0;
         drop(st);
@@ -1107,6 +1147,7 @@ impl Pool {
             journal_bytes,
             map_pages,
             map_dirty_pages: p.dirty_pages() as u64,
+            map_patch_bytes: p.patch_bytes() as u64,
             map_cached_bytes: p.cached_bytes() as u64,
             map_page_loads: p.loads.load(Ordering::Relaxed),
             meta_slots_used,
@@ -1131,6 +1172,9 @@ pub struct PoolStats {
     pub map_pages: u64,
     /// Map pages changed since the last checkpoint (held in memory).
     pub map_dirty_pages: u64,
+    /// Memory of the changed map pages kept as patches (their old slot
+    /// plus their few changes) until the next checkpoint.
+    pub map_patch_bytes: u64,
     /// Memory of the clean map pages in the cache.
     pub map_cached_bytes: u64,
     /// Map pages read from the meta file (cache misses) since open.
@@ -1954,6 +1998,15 @@ impl Inner {
         self.flush_upto(target)
     }
 
+    /// Makes a FUA request durable (see [`Records`]).
+    fn flush_request(&self, r: Records) -> Result<()> {
+        if r.unchanged {
+            self.flush_all()
+        } else {
+            self.flush_upto(r.last)
+        }
+    }
+
     /// Makes every record up to `target` and the data it points to durable.
     fn flush_upto(&self, target: u64) -> Result<()> {
         self.flush_inner(target, Fold::Over)
@@ -2272,6 +2325,13 @@ impl Inner {
             r.encode_frame(seq, &mut bytes);
         }
         drop(recs);
+        if j.stale_tail {
+            j.file
+                .set_len(j.pos)
+                .map_err(|e| Error::io("cannot cut the metadata journal", e))?;
+            j.prealloc = j.pos;
+            j.stale_tail = false;
+        }
         // Records appended since the last flush must not be lost behind
         // durable records of the new journal: once the next journal exists,
         // this one is whole.
@@ -2701,7 +2761,7 @@ impl Volume {
         }
         let end = offset + data.len() as u64;
         let mut pos = offset;
-        let mut seq = 0;
+        let mut recs = Records::default();
         while pos < end {
             let b = pos / B;
             let bstart = b * B;
@@ -2709,28 +2769,28 @@ impl Volume {
                 // The whole-block middle part.
                 let nblocks = (end - pos) / B;
                 let from = (pos - offset) as usize;
-                seq = self.write_blocks(
+                recs.add(self.write_blocks(
                     b,
                     &data[from..from + nblocks as usize * BLOCK],
                     false,
                     false,
-                )?;
+                )?);
                 pos += nblocks * B;
             } else {
                 let hi = (bstart + B).min(end);
                 let from = (pos - offset) as usize;
-                seq = self.patch_block(
+                recs.add(self.patch_block(
                     b,
                     (pos - bstart) as usize,
                     Some(&data[from..from + (hi - pos) as usize]),
                     hi - pos,
                     false,
-                )?;
+                )?);
                 pos = hi;
             }
         }
         if fua {
-            self.inner.flush_upto(seq)?;
+            self.inner.flush_request(recs)?;
         }
         Ok(())
     }
@@ -2834,6 +2894,13 @@ impl Volume {
                 other => other,
             })
             .collect();
+        // Room in the journal first: once the data is written in place, a
+        // record that does not fit would leave the pool torn (below), so a
+        // full disk fails here instead, with nothing changed.
+        self.inner
+            .journal
+            .lock()
+            .reserve(Record::update_frame_len(n))?;
         if let Err(e) = self.write_slots(data, &locs) {
             // The slots may now hold neither the old data nor the new, and
             // the old data's record is not durable yet: no flush may make
@@ -3071,24 +3138,23 @@ impl Volume {
         }
         let end = offset + len;
         let mut pos = offset;
-        let mut seq = 0;
+        let mut recs = Records::default();
         let trim = loc == Loc::Hole;
         while pos < end {
             let b = pos / B;
             let bstart = b * B;
             if pos == bstart && end >= bstart + B {
                 let n = (end - pos) / B;
-                seq = seq.max(self.set_blocks(b, n, loc)?);
+                recs.add(self.set_blocks(b, n, loc)?);
                 pos += n * B;
             } else {
                 let hi = (bstart + B).min(end);
-                seq =
-                    seq.max(self.patch_block(b, (pos - bstart) as usize, None, hi - pos, trim)?);
+                recs.add(self.patch_block(b, (pos - bstart) as usize, None, hi - pos, trim)?);
                 pos = hi;
             }
         }
         if fua {
-            self.inner.flush_upto(seq)?;
+            self.inner.flush_request(recs)?;
         }
         Ok(())
     }

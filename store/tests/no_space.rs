@@ -6,7 +6,7 @@
 //! without a restart and makes every acknowledged write durable.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use store::{ErrorKind, Medium, MediumFile, MemMedium, Pool, PoolOptions, BLOCK};
 
@@ -14,9 +14,19 @@ const ROOM: u64 = u64::MAX;
 
 /// The medium: `left` more writes (file creations and extensions count)
 /// succeed, then every one fails with ENOSPC until `left` is raised.
+/// With `journals_only`, only the journal files run out of space; with
+/// `short`, a failing write first writes half its bytes, as a real
+/// `pwrite` writes what fits.
 struct Full {
     m: MemMedium,
     left: Arc<AtomicU64>,
+    switches: Switches,
+}
+
+#[derive(Clone, Default)]
+struct Switches {
+    journals_only: Arc<AtomicBool>,
+    short: Arc<AtomicBool>,
 }
 
 fn take(left: &AtomicU64) -> io::Result<()> {
@@ -33,6 +43,17 @@ fn take(left: &AtomicU64) -> io::Result<()> {
 struct FullFile {
     f: Arc<dyn MediumFile>,
     left: Arc<AtomicU64>,
+    journal: bool,
+    switches: Switches,
+}
+
+impl FullFile {
+    fn take(&self) -> io::Result<()> {
+        if self.switches.journals_only.load(Ordering::SeqCst) && !self.journal {
+            return Ok(());
+        }
+        take(&self.left)
+    }
 }
 
 impl MediumFile for FullFile {
@@ -40,7 +61,12 @@ impl MediumFile for FullFile {
         self.f.read_at(buf, offset)
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        take(&self.left)?;
+        if let Err(e) = self.take() {
+            if self.switches.short.load(Ordering::SeqCst) {
+                self.f.write_at(&data[..data.len() / 2], offset)?;
+            }
+            return Err(e);
+        }
         self.f.write_at(data, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -51,7 +77,7 @@ impl MediumFile for FullFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         if len > self.f.len()? {
-            take(&self.left)?;
+            self.take()?;
         }
         self.f.set_len(len)
     }
@@ -62,12 +88,16 @@ impl MediumFile for FullFile {
 
 impl Medium for Full {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        if create && !self.m.exists(name) {
+        let journal = name.starts_with("journal.");
+        let only = self.switches.journals_only.load(Ordering::SeqCst);
+        if create && !self.m.exists(name) && (journal || !only) {
             take(&self.left)?;
         }
         Ok(Arc::new(FullFile {
             f: self.m.open(name, create)?,
             left: self.left.clone(),
+            journal,
+            switches: self.switches.clone(),
         }))
     }
     fn exists(&self, name: &str) -> bool {
@@ -134,13 +164,21 @@ fn check(m: MemMedium, what: &str, allowed: impl Fn(u64) -> Vec<u8>) {
 /// A pool on a [`Full`] medium with room, and volume `v` holding
 /// generation 1 in its first blocks.
 fn start() -> (MemMedium, Arc<AtomicU64>, Arc<Pool>, store::Volume) {
+    start_with(opts(), Switches::default())
+}
+
+fn start_with(
+    opts: PoolOptions,
+    switches: Switches,
+) -> (MemMedium, Arc<AtomicU64>, Arc<Pool>, store::Volume) {
     let left = Arc::new(AtomicU64::new(ROOM));
     let m = MemMedium::new();
     let medium = Arc::new(Full {
         m: m.clone(),
         left: left.clone(),
+        switches,
     });
-    let pool = Pool::open_medium(medium, opts()).unwrap();
+    let pool = Pool::open_medium(medium, opts).unwrap();
     pool.create_volume("v", 64 * BLOCK as u64).unwrap();
     let h = pool.open_head("v").unwrap();
     for b in 0..BLOCKS {
@@ -279,4 +317,141 @@ fn a_collection_out_of_space_goes_on_once_there_is_room() {
         h.flush().unwrap();
         check(m.crash(|_, _| false), &format!("n={n}"), |_| vec![2]);
     }
+}
+
+/// The newest journal's length (what is allocated to it) and how much of
+/// it holds records.
+fn journal_room(m: &MemMedium, pool: &Pool) -> u64 {
+    let name = m
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("journal."))
+        .max()
+        .unwrap();
+    m.open(&name, false).unwrap().len().unwrap() - pool.stats().journal_bytes
+}
+
+/// A block written since the last flush is overwritten in place; when the
+/// record of that overwrite does not fit in the journal and the disk is
+/// full, the write fails with nothing changed. (It used to write the data
+/// in place first and then, failing to journal it, refuse every later
+/// flush until the pool was reopened.)
+#[test]
+fn a_full_disk_fails_an_overwrite_in_place_before_it_writes() {
+    let switches = Switches::default();
+    let opts = PoolOptions {
+        map_page_entries: 4,
+        ..PoolOptions::default()
+    };
+    let (m, left, pool, h) = start_with(opts.clone(), switches.clone());
+    h.flush().unwrap();
+    // Records of one block each, until the journal has room for exactly
+    // one more.
+    let one = 16 + 13 + 26;
+    let mut b = 1;
+    while journal_room(&m, &pool) >= 2 * one {
+        write(&h, 2, b).unwrap();
+        b = b % (BLOCKS - 1) + 1;
+    }
+    assert!(journal_room(&m, &pool) >= one);
+    write(&h, 2, 0).unwrap();
+    // Only the journal is out of space (block 0's slot is written already,
+    // as on a filesystem that overwrites in place).
+    switches.journals_only.store(true, Ordering::SeqCst);
+    left.store(0, Ordering::SeqCst);
+    let e = write(&h, 3, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    left.store(ROOM, Ordering::SeqCst);
+    write(&h, 4, 1).unwrap();
+    h.flush()
+        .unwrap_or_else(|e| panic!("flush once there is room: {e}"));
+    check(
+        m.crash(|_, _| false),
+        "after the failed overwrite",
+        |b| match b {
+            0 => vec![2],
+            1 => vec![4],
+            _ => vec![1, 2],
+        },
+    );
+    drop((h, pool));
+}
+
+/// A frame write cut short by a full disk leaves its bytes past the end of
+/// the journal, under the shorter frames appended next. A checkpoint that
+/// then moves on to the next journal cuts them off first: a journal
+/// followed by another is taken as whole, so they used to be reported as
+/// damage and the pool would not open.
+#[test]
+fn a_frame_cut_short_by_a_full_disk_is_cut_off_before_the_next_journal() {
+    let switches = Switches::default();
+    let opts = PoolOptions {
+        journal_limit: 1,
+        map_page_entries: 4,
+        ..PoolOptions::default()
+    };
+    let (m, left, pool, h) = start_with(opts.clone(), switches.clone());
+    h.flush().unwrap();
+    // A long record (2048 blocks of another volume) cut short, where the
+    // journal's zeros were allocated already.
+    pool.create_volume("w", 2048 * BLOCK as u64).unwrap();
+    let w = pool.open_head("w").unwrap();
+    switches.journals_only.store(true, Ordering::SeqCst);
+    switches.short.store(true, Ordering::SeqCst);
+    let d = vec![9u8; 2048 * BLOCK];
+    let mut cut = false;
+    for n in 0..4 {
+        left.store(n, Ordering::SeqCst);
+        match w.write_at(&d, 0, false) {
+            Err(e) if e.to_string().contains("cannot append") => {
+                cut = true;
+                break;
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}"),
+            Ok(()) => {}
+        }
+    }
+    assert!(cut, "no frame was cut short");
+    switches.journals_only.store(false, Ordering::SeqCst);
+    switches.short.store(false, Ordering::SeqCst);
+    left.store(ROOM, Ordering::SeqCst);
+    // A shorter record over the start of the cut one, then a flush whose
+    // checkpoint moves on to the next journal but fails to write its root:
+    // the cut journal is still the one the root names, and the next one
+    // has a header.
+    write(&h, 3, 5).unwrap();
+    let journals = || {
+        m.list()
+            .unwrap()
+            .iter()
+            .filter(|n| n.starts_with("journal."))
+            .count()
+    };
+    let mut switched = false;
+    for n in 0..60 {
+        // The same pages changed before every try (a failed checkpoint
+        // keeps the pages it wrote), so the tries fail one write later
+        // each; short records, so the cut one's tail outlasts them.
+        for b in (0..BLOCKS).step_by(4) {
+            write(&h, 2, b).unwrap();
+        }
+        left.store(n, Ordering::SeqCst);
+        let r = h.flush();
+        left.store(ROOM, Ordering::SeqCst);
+        if let Err(e) = r {
+            assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+            if journals() > 1 {
+                switched = true;
+                break;
+            }
+        }
+    }
+    assert!(switched, "no checkpoint failed after its switch");
+    check(m.kill(), "after the switch", |b| match b {
+        5 => vec![3],
+        b if b % 4 == 0 => vec![2],
+        _ => vec![1],
+    });
+    drop((h, w, pool));
 }

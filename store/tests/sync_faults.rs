@@ -490,3 +490,36 @@ fn a_grow_never_shows_what_a_cut_shrink_left() {
         "size {size}: bytes past the old end hold what the shrink cut off"
     );
 }
+
+/// A FUA trim of a block that a plain trim emptied already changes
+/// nothing, so it appends no record; it must still make the plain trim
+/// durable before it is acknowledged (the block's data came back after a
+/// power cut). The same for FUA zeroes.
+#[test]
+fn a_fua_request_that_changes_nothing_makes_what_it_rests_on_durable() {
+    for zeroes in [false, true] {
+        let m = MemMedium::new();
+        let pool = Pool::open_medium(Arc::new(m.clone()), PoolOptions::default()).unwrap();
+        pool.create_volume("v", 64 * BLOCK as u64).unwrap();
+        let h = pool.open_head("v").unwrap();
+        h.write_at(&[7; BLOCK], 0, false).unwrap();
+        h.flush().unwrap();
+        let unmap = |fua| {
+            if zeroes {
+                h.write_zeroes(0, BLOCK as u64, false, fua)
+            } else {
+                h.trim(0, BLOCK as u64, fua)
+            }
+        };
+        unmap(false).unwrap();
+        unmap(true).unwrap();
+        let pool =
+            Pool::open_medium(Arc::new(m.crash(|_, _| false)), PoolOptions::default()).unwrap();
+        let mut buf = vec![1u8; BLOCK];
+        pool.open_head("v").unwrap().read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == 0),
+            "zeroes={zeroes}: the acknowledged FUA request was lost"
+        );
+    }
+}
