@@ -382,6 +382,9 @@ struct Journal {
     /// another is taken as whole, so a checkpoint cuts such bytes off
     /// before it switches.
     stale_tail: bool,
+    /// Bytes past `pos` held for records already promised room (see
+    /// [`Journal::reserve`]); `pos + reserved <= prealloc` always.
+    reserved: u64,
 }
 
 impl Journal {
@@ -395,7 +398,7 @@ impl Journal {
     }
 
     fn append_frame(&mut self, frame: &[u8]) -> Result<u64> {
-        self.reserve(frame.len() as u64)?;
+        self.grow(frame.len() as u64)?;
         if let Err(e) = self.file.write_at(frame, self.pos) {
             self.stale_tail = true;
             return Err(Error::io("cannot append to the metadata journal", e));
@@ -405,11 +408,19 @@ impl Journal {
         Ok(self.seq)
     }
 
-    /// Allocates room for `len` more bytes, so that appending them only
-    /// overwrites written zeros (which needs no space on filesystems that
-    /// overwrite in place).
-    fn reserve(&mut self, len: u64) -> Result<()> {
-        let end = self.pos + len;
+    /// Holds room for a record of up to `len` bytes: its append then only
+    /// overwrites written zeros (no allocation on filesystems that
+    /// overwrite in place), however many records others append first.
+    fn reserve<'a>(this: &'a Mutex<Journal>, len: u64) -> Result<Reserved<'a>> {
+        let mut j = this.lock();
+        j.grow(len)?;
+        j.reserved += len;
+        Ok(Reserved { journal: this, len })
+    }
+
+    /// Allocates room for `len` more bytes past `pos` and the reserved.
+    fn grow(&mut self, len: u64) -> Result<()> {
+        let end = self.pos + self.reserved + len;
         if end > self.prealloc {
             let to = end.div_ceil(self.chunk) * self.chunk;
             let zeros = vec![0u8; (to - self.prealloc) as usize];
@@ -437,6 +448,29 @@ impl Records {
     fn add(&mut self, seq: u64) {
         self.unchanged |= seq == 0;
         self.last = self.last.max(seq);
+    }
+}
+
+/// Journal room held for one record; given back unless used.
+struct Reserved<'a> {
+    journal: &'a Mutex<Journal>,
+    len: u64,
+}
+
+impl Reserved<'_> {
+    /// Appends `rec` (at most the reserved length) in the room held.
+    fn append(mut self, rec: &Record) -> Result<u64> {
+        let mut j = self.journal.lock();
+        j.reserved -= std::mem::take(&mut self.len);
+        j.append(rec)
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            self.journal.lock().reserved -= self.len;
+        }
     }
 }
 
@@ -637,6 +671,7 @@ impl Pool {
                 seq,
                 buf: Vec::new(),
                 stale_tail: false,
+                reserved: 0,
             }),
             alloc: Mutex::new(alloc),
             reuse: RwLock::new(()),
@@ -2359,6 +2394,8 @@ impl Inner {
             let _ = self.medium.remove(&name);
             return Err(Error::io("cannot create a journal", e));
         }
+        // Reservations are made under `inplace`, which this holds.
+        debug_assert_eq!(j.reserved, 0);
         let old_id = j.id;
         j.file = nf.clone();
         j.id = new_id;
@@ -2897,10 +2934,7 @@ impl Volume {
         // Room in the journal first: once the data is written in place, a
         // record that does not fit would leave the pool torn (below), so a
         // full disk fails here instead, with nothing changed.
-        self.inner
-            .journal
-            .lock()
-            .reserve(Record::update_frame_len(n))?;
+        let room = Journal::reserve(&self.inner.journal, Record::update_frame_len(n))?;
         if let Err(e) = self.write_slots(data, &locs) {
             // The slots may now hold neither the old data nor the new, and
             // the old data's record is not durable yet: no flush may make
@@ -2950,7 +2984,7 @@ impl Volume {
             birth: cur,
             items,
         };
-        let seq = self.inner.journal.lock().append(&rec).map_err(torn)?;
+        let seq = room.append(&rec).map_err(torn)?;
         let Record::Update { items, .. } = rec else {
             unreachable!()
         };
