@@ -121,7 +121,10 @@
 //!   appends `Sync{upto: s}` and `fdatasync`s the journal. Every record ≤ `s`
 //!   had its data written before it was appended, hence before the data sync:
 //!   record and data are durable together. FUA is a flush up to the write's
-//!   own record. Concurrent flushes share one sync (group commit).
+//!   own record; a FUA request with a part that changed nothing (a FUA
+//!   trim of a block a plain trim emptied) flushes everything, as what it
+//!   found may rest on records not yet flushed. Concurrent flushes share
+//!   one sync (group commit).
 //! * A freed slot is reused only once the record that freed it is durable
 //!   (before that, a crash could bring the old reference back), and only after
 //!   taking `reuse` exclusively, so no reader still holding the old location
@@ -156,7 +159,11 @@
 //!   and reads again before calling it damage (except the read of a
 //!   partial-block write, whose stripe lock already keeps them off). An
 //!   in-place write that fails part-way makes every later flush fail: its
-//!   slot's unflushed record must never become durable. Without in-place
+//!   slot's unflushed record must never become durable. So it holds room
+//!   for its record in the journal (allocated zeros, `Journal::reserve`)
+//!   before it writes the data: a full disk fails it before anything
+//!   changed, and other records appended meanwhile grow the journal past
+//!   what is held. Without in-place
 //!   overwrites, every overwrite between flushes would take a new slot.
 //! * A background thread flushes every 5 s, and as soon as 128 MiB of freed
 //!   slots wait for a flush, or the reuse reserve's fixed part (24 MiB) of
@@ -182,6 +189,9 @@
 //!   (a full disk) fails its flush or checkpoint only: until the new root's
 //!   rename, the root in place and the journals from its own on hold
 //!   everything, so the next flush, once there is room, tries again. A
+//!   journal frame cut short by a full disk leaves bytes past the journal's
+//!   end; the next checkpoint cuts them off before it switches journals,
+//!   since a journal followed by another is read as whole. A
 //!   checkpoint that wrote its pages but no root leaves them in slots the
 //!   durable root does not use; the map in memory points at them and the
 //!   next checkpoint syncs them before its root does.
