@@ -193,7 +193,7 @@ fn floor_rows(f: &std::fs::File, offs: &[u64], rows: &mut Vec<Row>) {
     rows.push(Row {
         name: format!(
             "floor: the same + the location looked up in a flat table of 32 bytes per block ({} MiB; median of {RUNS})",
-            VOL / 4096 * 32 >> 20
+            (VOL / 4096 * 32) >> 20
         ),
         store: offs.len() as f64 / s,
         file: offs.len() as f64 / p,
