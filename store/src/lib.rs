@@ -106,7 +106,8 @@
 //! birth u32` (26 bytes, so a 4 KiB write costs about 55 bytes of journal).
 //! Every data block's CRC-32 lives in its map entry and is checked on every
 //! read and by [`Pool::verify`]; every metadata frame carries its own CRC.
-//! A map page that fails its check (every page is read once at open) costs
+//! A map page that fails its check (every page is read once at open, and a
+//! patched page's old slot again when a checkpoint writes the page) costs
 //! only the blocks the root says it described: they read as errors (and
 //! show as data in block status, so copy tools do not skip them) until
 //! rewritten, and `verify` lists them; the volume's epoch is bumped so later

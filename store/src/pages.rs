@@ -120,6 +120,24 @@ pub(crate) struct Patch {
     ops: Vec<(Key, Option<Loc>)>,
 }
 
+impl Patch {
+    /// Applies the patch's changes to `page` (its base).
+    fn apply(&self, page: &mut Page) {
+        for &(k, l) in &self.ops {
+            let i = page.find(k);
+            match (i, l) {
+                (Ok(i), Some(l)) => page.entries[i].2 = l,
+                (Err(i), Some(l)) => page.entries.insert(i, (k.0, k.1, l)),
+                (Ok(i), None) => {
+                    page.entries.remove(i);
+                }
+                (Err(_), None) => {}
+            }
+            page.fix_span();
+        }
+    }
+}
+
 /// Memory a patch takes, for the budget.
 fn patch_mem(ops: usize) -> usize {
     PAGE_OVERHEAD + ops * std::mem::size_of::<(Key, Option<Loc>)>()
@@ -473,18 +491,7 @@ impl PageStore {
             return Ok(pg);
         }
         let mut page = self.read_page(vol, &p.base)?;
-        for &(k, l) in &p.ops {
-            let i = page.find(k);
-            match (i, l) {
-                (Ok(i), Some(l)) => page.entries[i].2 = l,
-                (Err(i), Some(l)) => page.entries.insert(i, (k.0, k.1, l)),
-                (Ok(i), None) => {
-                    page.entries.remove(i);
-                }
-                (Err(_), None) => {}
-            }
-            page.fix_span();
-        }
+        p.apply(&mut page);
         let page = Arc::new(page);
         self.cache_put(p.id, page.clone());
         Ok(page)
@@ -568,6 +575,9 @@ pub(crate) struct PagedMap {
     dir: BTreeMap<Key, Slot>,
     /// Patch bases this map holds retired (see [`PagedMap::take`]).
     held: Vec<u64>,
+    /// Block ranges whose entries [`PagedMap::write_dirty`] lost with a
+    /// patch base it could not read back (see [`PagedMap::take_lost`]).
+    lost: Vec<(u64, u64)>,
 }
 
 /// A page borrowed from the directory or shared with the cache.
@@ -625,7 +635,13 @@ impl PagedMap {
             vol,
             dir: BTreeMap::new(),
             held: Vec::new(),
+            lost: Vec::new(),
         }
+    }
+
+    /// The block ranges lost since the last call (see `write_dirty`).
+    pub fn take_lost(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Takes the whole map out, leaving an empty one, to be read after the
@@ -1050,7 +1066,23 @@ impl PagedMap {
                     continue;
                 }
                 Slot::Dirty(_) => None,
-                Slot::Patched(p) => Some(self.store.patched(self.vol, p)?),
+                Slot::Patched(p) => match self.store.patched(self.vol, p) {
+                    Ok(pg) => Some(pg),
+                    // The page as it was is damaged (it was checked when
+                    // it was loaded): its entries are lost, as if the
+                    // durable root's page had been found damaged at open.
+                    // The changes since stay; the caller records the lost
+                    // range, so that reads there fail rather than return
+                    // zeros, and every later checkpoint goes on.
+                    Err(e) if e.kind() == ErrorKind::Corruption => {
+                        tracing::error!(error = %e, "a changed map page cannot be put together");
+                        self.lost.push((p.base.first, p.base.last));
+                        let mut page = Page::default();
+                        p.apply(&mut page);
+                        Some(Arc::new(page))
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             let entries = match (&*slot, &patched) {
                 (_, Some(pg)) => &pg.entries,

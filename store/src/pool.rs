@@ -277,6 +277,37 @@ impl VolState {
         Ok(())
     }
 
+    /// Blocks `(first, last)` lost their map entries with a damaged map
+    /// page: views that would see an entry born up to now fail there (and
+    /// report it as changed), until the block is written again.
+    fn note_lost(&mut self, volume: &str, lost: Vec<(u64, u64)>) {
+        if lost.is_empty() {
+            return;
+        }
+        let upto = self.epoch;
+        let epochs: Vec<u32> = self
+            .snaps
+            .keys()
+            .copied()
+            .chain(std::iter::once(upto))
+            .collect();
+        for (first, last) in lost {
+            tracing::error!(
+                volume,
+                first_offset = first * B,
+                last_offset = last * B + B - 1,
+                "metadata page damaged: these blocks read as errors until rewritten"
+            );
+            self.damaged.push((first, last, upto));
+            for &e in &epochs {
+                self.cbt.mark(e, first * B, (last - first + 1) * B);
+            }
+        }
+        // Writes from now on are born in a later epoch, so they are known
+        // good even in the damaged range.
+        self.epoch = self.epoch.saturating_add(1);
+    }
+
     /// The first block of `[first, first+n)` whose content the view `limit`
     /// cannot know because its metadata was lost.
     fn first_damaged(&self, first: u64, n: u64, limit: u32) -> Result<Option<u64>> {
@@ -1473,22 +1504,7 @@ fn load_checkpoint(medium: &dyn Medium, vols: &mut Vols) -> Result<(u64, u64)> {
     for cell in vols.by_id.values() {
         let mut st = cell.st.write();
         let lost = st.map.check_pages()?;
-        if lost.is_empty() {
-            continue;
-        }
-        let upto = st.epoch;
-        for (first, last) in lost {
-            tracing::error!(
-                volume = %cell.name,
-                first_offset = first * B,
-                last_offset = last * B + B - 1,
-                "metadata page damaged: these blocks read as errors until rewritten"
-            );
-            st.damaged.push((first, last, upto));
-        }
-        // Writes from now on are born in a later epoch, so they are known
-        // good even in the damaged range.
-        st.epoch = st.epoch.saturating_add(1);
+        st.note_lost(&cell.name, lost);
     }
     Ok((journal_id, seq))
 }
@@ -2305,8 +2321,10 @@ impl Inner {
         let gen = self.pages.begin_checkpoint();
         let mut dirs = Vec::with_capacity(cells.len());
         let mut page_buf = Vec::new();
-        for st in guards.iter_mut() {
+        for (c, st) in cells.iter().zip(guards.iter_mut()) {
             dirs.push(st.map.write_dirty(&mut page_buf)?);
+            let lost = st.map.take_lost();
+            st.note_lost(&c.name, lost);
         }
         let mut recs = vec![Record::CheckpointBegin {
             journal_id: new_id,
