@@ -576,7 +576,8 @@ pub(crate) struct PagedMap {
     /// Patch bases this map holds retired (see [`PagedMap::take`]).
     held: Vec<u64>,
     /// Block ranges whose entries [`PagedMap::write_dirty`] lost with a
-    /// patch base it could not read back (see [`PagedMap::take_lost`]).
+    /// patch base it could not read back, once it replaced the patch (see
+    /// [`PagedMap::take_lost`]; taken after every call, failed or not).
     lost: Vec<(u64, u64)>,
 }
 
@@ -1060,6 +1061,7 @@ impl PagedMap {
         for (lo, slot) in self.dir.iter_mut() {
             // A patch is put together (one at a time, so memory stays
             // bounded) and written like a dirty page.
+            let mut lost = None;
             let patched = match slot {
                 Slot::Clean(r) => {
                     out.push((*lo, *r));
@@ -1071,12 +1073,13 @@ impl PagedMap {
                     // The page as it was is damaged (it was checked when
                     // it was loaded): its entries are lost, as if the
                     // durable root's page had been found damaged at open.
-                    // The changes since stay; the caller records the lost
-                    // range, so that reads there fail rather than return
-                    // zeros, and every later checkpoint goes on.
+                    // The changes since stay; once that page is written in
+                    // its place, the caller records the lost range (even if
+                    // this checkpoint fails later), so that reads there
+                    // fail rather than return zeros.
                     Err(e) if e.kind() == ErrorKind::Corruption => {
                         tracing::error!(error = %e, "a changed map page cannot be put together");
-                        self.lost.push((p.base.first, p.base.last));
+                        lost = Some((p.base.first, p.base.last));
                         let mut page = Page::default();
                         p.apply(&mut page);
                         Some(Arc::new(page))
@@ -1117,6 +1120,7 @@ impl PagedMap {
             self.store.forget(&old);
             self.store.cache_put(id, Arc::new(page));
             out.push((*lo, r));
+            self.lost.extend(lost);
         }
         self.store.spill_left.store(0, Ordering::Release);
         Ok(out)

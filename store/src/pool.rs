@@ -1686,7 +1686,12 @@ fn replay_journals(
                             }
                         }
                     }
-                    c.st.write().apply_update(birth, &items, &mut freed)?;
+                    let mut st = c.st.write();
+                    // Records are born in the head's epoch, which may have
+                    // moved on past the root's (a checkpoint that lost a
+                    // damaged page, then failed to write its root).
+                    st.epoch = st.epoch.max(birth);
+                    st.apply_update(birth, &items, &mut freed)?;
                 }
                 // Drops were worked out from the map as it was, which may
                 // have held a write this replay just discarded (its data
@@ -2322,9 +2327,11 @@ impl Inner {
         let mut dirs = Vec::with_capacity(cells.len());
         let mut page_buf = Vec::new();
         for (c, st) in cells.iter().zip(guards.iter_mut()) {
-            dirs.push(st.map.write_dirty(&mut page_buf)?);
+            let dir = st.map.write_dirty(&mut page_buf);
+            // Pages written in place of lost ones stay, whatever comes next.
             let lost = st.map.take_lost();
             st.note_lost(&c.name, lost);
+            dirs.push(dir?);
         }
         let mut recs = vec![Record::CheckpointBegin {
             journal_id: new_id,
@@ -3197,7 +3204,7 @@ impl Volume {
             let bstart = b * B;
             if pos == bstart && end >= bstart + B {
                 let n = (end - pos) / B;
-                recs.add(self.set_blocks(b, n, loc)?);
+                self.set_blocks(b, n, loc, &mut recs)?;
                 pos += n * B;
             } else {
                 let hi = (bstart + B).min(end);
@@ -3242,15 +3249,17 @@ impl Volume {
                 break;
             };
             let upto = end.min(nb + 65536);
-            seq = seq.max(self.set_blocks(nb, upto - nb, Loc::Hole)?);
+            let mut recs = Records::default();
+            self.set_blocks(nb, upto - nb, Loc::Hole, &mut recs)?;
+            seq = seq.max(recs.last);
             b = upto;
         }
         Ok(seq)
     }
 
-    /// Sets `n` blocks from `first` to Hole or Zero, in bounded batches.
-    fn set_blocks(&self, first: u64, n: u64, loc: Loc) -> Result<u64> {
-        let mut seq = 0;
+    /// Sets `n` blocks from `first` to Hole or Zero, in bounded batches;
+    /// adds each batch's record (0: none) to `recs`.
+    fn set_blocks(&self, first: u64, n: u64, loc: Loc, recs: &mut Records) -> Result<()> {
         let mut b = first;
         let end = first + n;
         while b < end {
@@ -3281,7 +3290,9 @@ impl Volume {
                     items.push(it);
                 }
             }
-            if !items.is_empty() {
+            if items.is_empty() {
+                recs.add(0);
+            } else {
                 let rec = Record::Update {
                     vol: self.cell.id,
                     birth: st.epoch,
@@ -3300,11 +3311,11 @@ impl Volume {
                 for sl in freed {
                     a.defer(s, sl, Freed::Cold);
                 }
-                seq = s;
+                recs.add(s);
             }
             b = batch_end;
         }
-        Ok(seq)
+        Ok(())
     }
 
     /// Deallocates a range: it reads as zeros and takes no space.
