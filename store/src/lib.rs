@@ -106,8 +106,7 @@
 //! birth u32` (26 bytes, so a 4 KiB write costs about 55 bytes of journal).
 //! Every data block's CRC-32 lives in its map entry and is checked on every
 //! read and by [`Pool::verify`]; every metadata frame carries its own CRC.
-//! A map page that fails its check (every page is read once at open, and a
-//! patched page's old slot again when a checkpoint writes the page) costs
+//! A map page that fails its check (every page is read once at open) costs
 //! only the blocks the root says it described: they read as errors (and
 //! show as data in block status, so copy tools do not skip them) until
 //! rewritten, and `verify` lists them; the volume's epoch is bumped so later
@@ -192,7 +191,12 @@
 //!   everything, so the next flush, once there is room, tries again. A
 //!   journal frame cut short by a full disk leaves bytes past the journal's
 //!   end; the next checkpoint cuts them off before it switches journals,
-//!   since a journal followed by another is read as whole. A
+//!   since a journal followed by another is read as whole. A patched page
+//!   whose old slot is found damaged when a checkpoint puts it together
+//!   fails every checkpoint until the pool is reopened: the open finds the
+//!   damage if the durable root points at that slot (losing only that
+//!   page's blocks), and otherwise rebuilds the page from the root and the
+//!   journal, losing nothing. A
 //!   checkpoint that wrote its pages but no root leaves them in slots the
 //!   durable root does not use; the map in memory points at them and the
 //!   next checkpoint syncs them before its root does.

@@ -575,10 +575,6 @@ pub(crate) struct PagedMap {
     dir: BTreeMap<Key, Slot>,
     /// Patch bases this map holds retired (see [`PagedMap::take`]).
     held: Vec<u64>,
-    /// Block ranges whose entries [`PagedMap::write_dirty`] lost with a
-    /// patch base it could not read back, once it replaced the patch (see
-    /// [`PagedMap::take_lost`]; taken after every call, failed or not).
-    lost: Vec<(u64, u64)>,
 }
 
 /// A page borrowed from the directory or shared with the cache.
@@ -636,13 +632,7 @@ impl PagedMap {
             vol,
             dir: BTreeMap::new(),
             held: Vec::new(),
-            lost: Vec::new(),
         }
-    }
-
-    /// The block ranges lost since the last call (see `write_dirty`).
-    pub fn take_lost(&mut self) -> Vec<(u64, u64)> {
-        std::mem::take(&mut self.lost)
     }
 
     /// Takes the whole map out, leaving an empty one, to be read after the
@@ -1061,31 +1051,21 @@ impl PagedMap {
         for (lo, slot) in self.dir.iter_mut() {
             // A patch is put together (one at a time, so memory stays
             // bounded) and written like a dirty page.
-            let mut lost = None;
             let patched = match slot {
                 Slot::Clean(r) => {
                     out.push((*lo, *r));
                     continue;
                 }
                 Slot::Dirty(_) => None,
-                Slot::Patched(p) => match self.store.patched(self.vol, p) {
-                    Ok(pg) => Some(pg),
-                    // The page as it was is damaged (it was checked when
-                    // it was loaded): its entries are lost, as if the
-                    // durable root's page had been found damaged at open.
-                    // The changes since stay; once that page is written in
-                    // its place, the caller records the lost range (even if
-                    // this checkpoint fails later), so that reads there
-                    // fail rather than return zeros.
-                    Err(e) if e.kind() == ErrorKind::Corruption => {
-                        tracing::error!(error = %e, "a changed map page cannot be put together");
-                        lost = Some((p.base.first, p.base.last));
-                        let mut page = Page::default();
-                        p.apply(&mut page);
-                        Some(Arc::new(page))
-                    }
-                    Err(e) => return Err(e),
-                },
+                // A base found damaged fails the checkpoint, and so the
+                // flushes that need one, until the pool is reopened: if the
+                // durable root points at it, opening finds the damage and
+                // loses only its blocks; if not (a checkpoint that wrote it
+                // failed to write its root), opening recovers the page from
+                // the root's and the journal. Losing it here would lose the
+                // latter for good, and could not tell the page's changes
+                // since from what was lost.
+                Slot::Patched(p) => Some(self.store.patched(self.vol, p)?),
             };
             let entries = match (&*slot, &patched) {
                 (_, Some(pg)) => &pg.entries,
@@ -1120,7 +1100,6 @@ impl PagedMap {
             self.store.forget(&old);
             self.store.cache_put(id, Arc::new(page));
             out.push((*lo, r));
-            self.lost.extend(lost);
         }
         self.store.spill_left.store(0, Ordering::Release);
         Ok(out)

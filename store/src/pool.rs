@@ -1686,12 +1686,7 @@ fn replay_journals(
                             }
                         }
                     }
-                    let mut st = c.st.write();
-                    // Records are born in the head's epoch, which may have
-                    // moved on past the root's (a checkpoint that lost a
-                    // damaged page, then failed to write its root).
-                    st.epoch = st.epoch.max(birth);
-                    st.apply_update(birth, &items, &mut freed)?;
+                    c.st.write().apply_update(birth, &items, &mut freed)?;
                 }
                 // Drops were worked out from the map as it was, which may
                 // have held a write this replay just discarded (its data
@@ -2326,12 +2321,8 @@ impl Inner {
         let gen = self.pages.begin_checkpoint();
         let mut dirs = Vec::with_capacity(cells.len());
         let mut page_buf = Vec::new();
-        for (c, st) in cells.iter().zip(guards.iter_mut()) {
-            let dir = st.map.write_dirty(&mut page_buf);
-            // Pages written in place of lost ones stay, whatever comes next.
-            let lost = st.map.take_lost();
-            st.note_lost(&c.name, lost);
-            dirs.push(dir?);
+        for st in guards.iter_mut() {
+            dirs.push(st.map.write_dirty(&mut page_buf)?);
         }
         let mut recs = vec![Record::CheckpointBegin {
             journal_id: new_id,

@@ -2,7 +2,7 @@
 //! snapshot deletion; bad input gets typed errors.
 
 use std::os::unix::fs::MetadataExt;
-use store::{ErrorKind, Medium, Pool, PoolOptions, BLOCK};
+use store::{ErrorKind, Pool, PoolOptions, BLOCK};
 
 fn pat(b: u64) -> Vec<u8> {
     (0..BLOCK)
@@ -506,70 +506,6 @@ fn deleting_a_volume_with_patched_map_pages_gives_back_all_its_space() {
         0,
         "data slots of the deleted volume leaked: {st:?}"
     );
-}
-
-/// A changed map page kept as a patch is put together from its old slot
-/// when the next checkpoint writes it. When that slot has been damaged
-/// meanwhile, the page's blocks are lost as if the damage had been found
-/// at open (their reads fail, `verify` names them), and the checkpoint,
-/// and every flush after it, goes on: it used to fail them all.
-#[test]
-fn a_damaged_old_slot_of_a_patched_page_costs_its_blocks_not_the_flushes() {
-    let m = store::MemMedium::new();
-    let opts = PoolOptions {
-        // Any flush checkpoints.
-        journal_limit: 1,
-        map_page_entries: 16,
-        map_cache_bytes: 16 << 10,
-        ..PoolOptions::default()
-    };
-    let b = BLOCK as u64;
-    let pool = Pool::open_medium(std::sync::Arc::new(m.clone()), opts.clone()).unwrap();
-    pool.create_volume("a", 64 << 20).unwrap();
-    let h = pool.open_head("a").unwrap();
-    for i in 0..2048u64 {
-        h.write_at(&pat(i), i * b, false).unwrap();
-    }
-    h.flush().unwrap();
-    // One overwrite in each of 14 pages far apart: they become patches,
-    // and other reads evict them from the cache.
-    for k in 0..14u64 {
-        h.write_at(&[0xee; BLOCK], k * 64 * b, false).unwrap();
-    }
-    assert!(pool.stats().map_patch_bytes > 0, "{:?}", pool.stats());
-    let mut buf = vec![0u8; BLOCK];
-    for i in (1024..2048).step_by(8) {
-        h.read_at(&mut buf, i * b).unwrap();
-    }
-    // Damage every slot of the meta file (the patches' old ones among
-    // them).
-    let meta = m.open("meta", false).unwrap();
-    let len = meta.len().unwrap();
-    meta.write_at(&vec![0x5a; len as usize], 0).unwrap();
-    h.flush()
-        .unwrap_or_else(|e| panic!("the flush must go on past the damage: {e}"));
-    let e = h.read_at(&mut buf, b).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
-    let report = pool.verify().unwrap();
-    assert!(
-        report
-            .damaged
-            .iter()
-            .any(|d| d.offset <= b && d.what.contains("lost with a damaged map page")),
-        "{report:?}"
-    );
-    // Written again, the block is good, and stays so across a reopen.
-    h.write_at(&pat(7), b, false).unwrap();
-    h.flush().unwrap();
-    h.read_at(&mut buf, b).unwrap();
-    assert_eq!(buf, pat(7));
-    drop(h);
-    let pool = Pool::open_medium(std::sync::Arc::new(m.kill()), opts).unwrap();
-    let h = pool.open_head("a").unwrap();
-    h.read_at(&mut buf, b).unwrap();
-    assert_eq!(buf, pat(7));
-    let e = h.read_at(&mut buf, 2 * b).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
 }
 
 #[test]
