@@ -3,86 +3,15 @@
 //! reopened, and the open loses only what the durable root's damaged pages
 //! held, nothing when the damaged slot was never in a durable root.
 
-use std::io;
+mod common;
+
+use common::{Limited, Limits, ROOM};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use store::{ErrorKind, Medium, MediumFile, MemMedium, Pool, PoolOptions, BLOCK};
+use store::{ErrorKind, Medium, MemMedium, Pool, PoolOptions, BLOCK};
 
-const ROOM: u64 = u64::MAX;
 const B: u64 = BLOCK as u64;
 const SLOT: usize = 16384;
-
-/// The in-memory medium, with writes to the file `failing` failing (EIO)
-/// once `left` more have been made.
-struct Failing {
-    m: MemMedium,
-    failing: &'static str,
-    left: Arc<AtomicU64>,
-}
-
-struct FailingFile {
-    f: Arc<dyn MediumFile>,
-    left: Option<Arc<AtomicU64>>,
-}
-
-impl MediumFile for FailingFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.f.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(left) = &self.left {
-            left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-                ROOM => Some(ROOM),
-                0 => None,
-                n => Some(n - 1),
-            })
-            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
-        }
-        self.f.write_at(data, offset)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.f.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.f.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.f.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.f.punch_hole(offset, len)
-    }
-}
-
-impl Medium for Failing {
-    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        Ok(Arc::new(FailingFile {
-            f: self.m.open(name, create)?,
-            left: (name == self.failing).then(|| self.left.clone()),
-        }))
-    }
-    fn exists(&self, name: &str) -> bool {
-        self.m.exists(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.m.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.m.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.m.sync_dir()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.m.list()
-    }
-    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
-        Ok(Box::new(()))
-    }
-    fn describe(&self) -> String {
-        format!("memory medium failing writes to {}", self.failing)
-    }
-}
 
 fn opts() -> PoolOptions {
     PoolOptions {
@@ -100,16 +29,18 @@ fn pat(b: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A pool on a [`Failing`] medium holding volume `a` with 2048 blocks
-/// written and checkpointed (`snapshot`: one taken before that), then one
-/// block changed in each of 14 pages far apart.
+/// A pool on a [`Limited`] medium whose file `failing` fails its writes
+/// (EIO) once told, holding volume `a` with 2048 blocks written and
+/// checkpointed (`snapshot`: one taken before that), then one block
+/// changed in each of 14 pages far apart.
 fn start(failing: &'static str, snapshot: bool) -> (MemMedium, Arc<AtomicU64>, Arc<Pool>) {
     let m = MemMedium::new();
-    let left = Arc::new(AtomicU64::new(ROOM));
-    let medium = Failing {
+    let limits = Limits::new(libc::EIO);
+    limits.only(Some(failing));
+    let left = limits.left.clone();
+    let medium = Limited {
         m: m.clone(),
-        failing,
-        left: left.clone(),
+        limits,
     };
     let pool = Pool::open_medium(Arc::new(medium), opts()).unwrap();
     pool.create_volume("a", 64 << 20).unwrap();

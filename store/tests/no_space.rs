@@ -5,123 +5,12 @@
 //! flushed write, and once there is room again the next flush succeeds
 //! without a restart and makes every acknowledged write durable.
 
-use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
+
+use common::{Limited, Limits, ROOM};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use store::{ErrorKind, Medium, MediumFile, MemMedium, Pool, PoolOptions, BLOCK};
-
-const ROOM: u64 = u64::MAX;
-
-/// The medium: `left` more writes (file creations and extensions count)
-/// succeed, then every one fails with ENOSPC until `left` is raised.
-/// With `journals_only`, only the journal files run out of space; with
-/// `short`, a failing write first writes half its bytes, as a real
-/// `pwrite` writes what fits.
-struct Full {
-    m: MemMedium,
-    left: Arc<AtomicU64>,
-    switches: Switches,
-}
-
-#[derive(Clone, Default)]
-struct Switches {
-    journals_only: Arc<AtomicBool>,
-    short: Arc<AtomicBool>,
-}
-
-fn take(left: &AtomicU64) -> io::Result<()> {
-    match left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
-        ROOM => Some(ROOM),
-        0 => None,
-        n => Some(n - 1),
-    }) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-    }
-}
-
-struct FullFile {
-    f: Arc<dyn MediumFile>,
-    left: Arc<AtomicU64>,
-    journal: bool,
-    switches: Switches,
-}
-
-impl FullFile {
-    fn take(&self) -> io::Result<()> {
-        if self.switches.journals_only.load(Ordering::SeqCst) && !self.journal {
-            return Ok(());
-        }
-        take(&self.left)
-    }
-}
-
-impl MediumFile for FullFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.f.read_at(buf, offset)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        if let Err(e) = self.take() {
-            if self.switches.short.load(Ordering::SeqCst) {
-                self.f.write_at(&data[..data.len() / 2], offset)?;
-            }
-            return Err(e);
-        }
-        self.f.write_at(data, offset)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.f.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.f.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > self.f.len()? {
-            self.take()?;
-        }
-        self.f.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.f.punch_hole(offset, len)
-    }
-}
-
-impl Medium for Full {
-    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        let journal = name.starts_with("journal.");
-        let only = self.switches.journals_only.load(Ordering::SeqCst);
-        if create && !self.m.exists(name) && (journal || !only) {
-            take(&self.left)?;
-        }
-        Ok(Arc::new(FullFile {
-            f: self.m.open(name, create)?,
-            left: self.left.clone(),
-            journal,
-            switches: self.switches.clone(),
-        }))
-    }
-    fn exists(&self, name: &str) -> bool {
-        self.m.exists(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.m.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.m.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.m.sync_dir()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.m.list()
-    }
-    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
-        Ok(Box::new(()))
-    }
-    fn describe(&self) -> String {
-        "full".into()
-    }
-}
+use store::{ErrorKind, Medium, MemMedium, Pool, PoolOptions, BLOCK};
 
 fn opts() -> PoolOptions {
     PoolOptions {
@@ -161,22 +50,21 @@ fn check(m: MemMedium, what: &str, allowed: impl Fn(u64) -> Vec<u8>) {
     }
 }
 
-/// A pool on a [`Full`] medium with room, and volume `v` holding
+/// A pool on a [`Limited`] medium with room, and volume `v` holding
 /// generation 1 in its first blocks.
 fn start() -> (MemMedium, Arc<AtomicU64>, Arc<Pool>, store::Volume) {
-    start_with(opts(), Switches::default())
+    start_with(opts(), Limits::new(libc::ENOSPC))
 }
 
 fn start_with(
     opts: PoolOptions,
-    switches: Switches,
+    limits: Limits,
 ) -> (MemMedium, Arc<AtomicU64>, Arc<Pool>, store::Volume) {
-    let left = Arc::new(AtomicU64::new(ROOM));
+    let left = limits.left.clone();
     let m = MemMedium::new();
-    let medium = Arc::new(Full {
+    let medium = Arc::new(Limited {
         m: m.clone(),
-        left: left.clone(),
-        switches,
+        limits,
     });
     let pool = Pool::open_medium(medium, opts).unwrap();
     pool.create_volume("v", 64 * BLOCK as u64).unwrap();
@@ -339,12 +227,12 @@ fn journal_room(m: &MemMedium, pool: &Pool) -> u64 {
 /// flush until the pool was reopened.)
 #[test]
 fn a_full_disk_fails_an_overwrite_in_place_before_it_writes() {
-    let switches = Switches::default();
+    let limits = Limits::new(libc::ENOSPC);
     let opts = PoolOptions {
         map_page_entries: 4,
         ..PoolOptions::default()
     };
-    let (m, left, pool, h) = start_with(opts.clone(), switches.clone());
+    let (m, left, pool, h) = start_with(opts.clone(), limits.clone());
     h.flush().unwrap();
     // Records of one block each, until the journal has room for exactly
     // one more.
@@ -358,7 +246,7 @@ fn a_full_disk_fails_an_overwrite_in_place_before_it_writes() {
     write(&h, 2, 0).unwrap();
     // Only the journal is out of space (block 0's slot is written already,
     // as on a filesystem that overwrites in place).
-    switches.journals_only.store(true, Ordering::SeqCst);
+    limits.only(Some("journal."));
     left.store(0, Ordering::SeqCst);
     let e = write(&h, 3, 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
@@ -385,20 +273,20 @@ fn a_full_disk_fails_an_overwrite_in_place_before_it_writes() {
 /// damage and the pool would not open.
 #[test]
 fn a_frame_cut_short_by_a_full_disk_is_cut_off_before_the_next_journal() {
-    let switches = Switches::default();
+    let limits = Limits::new(libc::ENOSPC);
     let opts = PoolOptions {
         journal_limit: 1,
         map_page_entries: 4,
         ..PoolOptions::default()
     };
-    let (m, left, pool, h) = start_with(opts.clone(), switches.clone());
+    let (m, left, pool, h) = start_with(opts.clone(), limits.clone());
     h.flush().unwrap();
     // A long record (2048 blocks of another volume) cut short, where the
     // journal's zeros were allocated already.
     pool.create_volume("w", 2048 * BLOCK as u64).unwrap();
     let w = pool.open_head("w").unwrap();
-    switches.journals_only.store(true, Ordering::SeqCst);
-    switches.short.store(true, Ordering::SeqCst);
+    limits.only(Some("journal."));
+    limits.short(true);
     let d = vec![9u8; 2048 * BLOCK];
     let mut cut = false;
     for n in 0..4 {
@@ -413,8 +301,8 @@ fn a_frame_cut_short_by_a_full_disk_is_cut_off_before_the_next_journal() {
         }
     }
     assert!(cut, "no frame was cut short");
-    switches.journals_only.store(false, Ordering::SeqCst);
-    switches.short.store(false, Ordering::SeqCst);
+    limits.only(None);
+    limits.short(false);
     left.store(ROOM, Ordering::SeqCst);
     // A shorter record over the start of the cut one, then a flush whose
     // checkpoint moves on to the next journal but fails to write its root:
