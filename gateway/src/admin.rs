@@ -501,7 +501,7 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
         "Volumes in the pool.",
     );
     let _ = writeln!(out, "snapgate_volumes {}", volumes.len());
-    let pool_metrics: [(&str, &str, &str, u64); 7] = [
+    let pool_metrics: [(&str, &str, &str, u64); 8] = [
         (
             "snapgate_map_pages",
             "gauge",
@@ -543,6 +543,12 @@ async fn prometheus(State(st): State<AdminState>) -> Result<Response> {
             "gauge",
             "Volumes whose deleted snapshots' space is still being reclaimed in the background.",
             stats.gc_pending_volumes,
+        ),
+        (
+            "snapgate_space_reserve_bytes",
+            "gauge",
+            "Disk space held for reopening the pool on a full disk; 0 while a full disk has it given back.",
+            stats.space_reserve_bytes,
         ),
     ];
     for (name, kind, help, value) in pool_metrics {

@@ -75,6 +75,12 @@ impl Error {
         Self::new(ErrorKind::Corruption, msg)
     }
 
+    /// The same error with `what` said first.
+    pub(crate) fn prefixed(mut self, what: impl std::fmt::Display) -> Self {
+        self.msg = format!("{what}: {}", self.msg);
+        self
+    }
+
     /// The kind of failure, for mapping to wire codes.
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -81,6 +81,10 @@
 //! covered by the bound: entries without data (NO_HOLE zeros, and trims
 //! that hid data a snapshot kept) cost map pages at the same rate per
 //! entry, and every volume with any entry takes at least one 16 KiB page.
+//! Nor is the space reserve (`PoolOptions::space_reserve_bytes`, 16 MiB):
+//! room held for an open on a full disk, which gives it back when its
+//! checkpoint and new journal find no space, and which is taken again once
+//! the filesystem has twice as much free.
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |
@@ -89,6 +93,7 @@
 //! | `data` | slot `n` at byte `n × 4096`; holes where slots are free |
 //! | `journal.<id>` | frames, the first a `JournalHeader{id}` |
 //! | `meta` | map page `n` at byte `n × 16384`: one `CheckpointEntries{vol, entries}` frame whose sequence number is the page's unique id, zero padded |
+//! | `reserve` | the space reserve: incompressible filler, written whole as `reserve.tmp`, synced, then renamed |
 //! | `checkpoint` (the root) | frames: `CheckpointBegin{journal id, next volume id, seq, next page id}`, per volume `CheckpointVolume` + `SnapshotCreate`… + `CheckpointDamage`… + `CheckpointPages{vol, [(lowest key, slot, id, first block, last block)]}`… (4096 pages a frame), `CheckpointEnd{journal id, frame count}` |
 //!
 //! A frame:
@@ -306,6 +311,14 @@ pub struct PoolOptions {
     /// well within it; a deletion on a volume with terabytes of map does
     /// not hold its caller for minutes.
     pub gc_foreground: std::time::Duration,
+    /// Disk space held in the data directory (the file `reserve`) for the
+    /// day its filesystem fills up. Opening a pool writes a checkpoint and
+    /// starts a new journal, which needs free space: an open that runs out
+    /// gives the reserve back to the filesystem and tries again, so a pool
+    /// a full disk stopped still opens (and its snapshots and volumes can
+    /// be deleted to make room). The reserve is allocated anew once the
+    /// filesystem has twice its size free. 0 keeps none.
+    pub space_reserve_bytes: u64,
 }
 
 impl Default for PoolOptions {
@@ -317,6 +330,7 @@ impl Default for PoolOptions {
             map_cache_bytes: 64 << 20,
             map_page_entries: pages::PAGE_MAX,
             gc_foreground: std::time::Duration::from_secs(5),
+            space_reserve_bytes: 16 << 20,
         }
     }
 }

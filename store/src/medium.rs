@@ -55,6 +55,10 @@ pub trait Medium: Send + Sync {
     fn lock(&self) -> io::Result<Box<dyn Send + Sync>>;
     /// Where the medium lives, for messages.
     fn describe(&self) -> String;
+    /// Bytes the medium can still take (`u64::MAX`: no limit known).
+    fn available(&self) -> io::Result<u64> {
+        Ok(u64::MAX)
+    }
 }
 
 /// The real medium: files in a directory.
@@ -176,6 +180,17 @@ impl Medium for DirMedium {
     }
     fn describe(&self) -> String {
         self.dir.display().to_string()
+    }
+    fn available(&self) -> io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a NUL-terminated path and a zeroed struct for the result.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 }
 

@@ -22,6 +22,10 @@ const DATA_FILE: &str = "data";
 const CHECKPOINT: &str = "checkpoint";
 const CHECKPOINT_TMP: &str = "checkpoint.tmp";
 const META_FILE: &str = "meta";
+/// The space reserve ([`PoolOptions::space_reserve_bytes`]), and the file
+/// it is built in first, so that the reserve exists only whole.
+const RESERVE: &str = "reserve";
+const RESERVE_TMP: &str = "reserve.tmp";
 const STRIPES: usize = 256;
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -565,6 +569,8 @@ pub(crate) struct Inner {
     resizing: Mutex<()>,
     /// The map pages' file and cache.
     pages: Arc<PageStore>,
+    /// The space reserve may be missing (see `Inner::keep_reserve`).
+    reserve_missing: AtomicBool,
 }
 
 /// At most this many slots are remembered as fresh (in-place candidates):
@@ -610,8 +616,42 @@ impl Pool {
         Self::open_medium(Arc::new(m), opts)
     }
 
-    /// Opens a pool on any medium (tests use [`crate::MemMedium`]).
+    /// Opens a pool on any medium (tests use [`crate::MemMedium`]). Out of
+    /// space, it gives the space reserve back and tries once more.
     pub fn open_medium(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {
+        let full = |e: Error, how: &str| {
+            e.prefixed(format!(
+                "the disk is full{how} (free some space on it, then open the pool again)"
+            ))
+        };
+        match Self::open_once(medium.clone(), opts.clone()) {
+            Err(e) if e.kind() == ErrorKind::NoSpace => {
+                if !medium.exists(RESERVE) && !medium.exists(RESERVE_TMP) {
+                    return Err(full(e, ""));
+                }
+                tracing::warn!(pool = %medium.describe(), error = %e,
+                    "the disk is full: giving back the space reserve to open the pool");
+                for name in [RESERVE, RESERVE_TMP] {
+                    medium
+                        .remove(name)
+                        .map_err(|e| Error::io("cannot give back the space reserve", e))?;
+                }
+                medium
+                    .sync_dir()
+                    .map_err(|e| Error::io("cannot sync the data directory", e))?;
+                Self::open_once(medium.clone(), opts).map_err(|e| {
+                    if e.kind() == ErrorKind::NoSpace {
+                        full(e, " even with the space reserve given back")
+                    } else {
+                        e
+                    }
+                })
+            }
+            r => r,
+        }
+    }
+
+    fn open_once(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {
         let lock = medium.lock().map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 Error::new(
@@ -721,6 +761,7 @@ impl Pool {
             torn: Mutex::new(None),
             resizing: Mutex::new(()),
             pages,
+            reserve_missing: AtomicBool::new(true),
         });
         {
             let mut fs = inner.flush.lock();
@@ -746,6 +787,7 @@ impl Pool {
         // Punch the space of free slots beyond the reuse reserve (slots
         // freed before a crash never got punched).
         inner.punch_free_space();
+        inner.keep_reserve();
         let flusher = start_flusher(&inner);
         let collector = start_collector(&inner);
         if left {
@@ -1219,6 +1261,11 @@ impl Pool {
             meta_slots_used,
             meta_slots_high,
             gc_pending_volumes,
+            space_reserve_bytes: if self.inner.reserve_missing.load(Ordering::Relaxed) {
+                0
+            } else {
+                self.inner.opts.space_reserve_bytes
+            },
         }
     }
 }
@@ -1251,6 +1298,9 @@ pub struct PoolStats {
     pub meta_slots_high: u64,
     /// Volumes with garbage collection of deleted snapshots still to do.
     pub gc_pending_volumes: u64,
+    /// Bytes of the space reserve held (0 while a full disk has it given
+    /// back, see [`PoolOptions::space_reserve_bytes`]).
+    pub space_reserve_bytes: u64,
 }
 
 fn info_of(c: &VolCell) -> VolumeInfo {
@@ -1983,7 +2033,10 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
             let retry = !failed || last.elapsed() >= FLUSH_INTERVAL;
             if retry && (piled || why != Fold::Over || last.elapsed() >= FLUSH_INTERVAL) {
                 failed = match inner.flush_inner(target, why) {
-                    Ok(()) => false,
+                    Ok(()) => {
+                        inner.keep_reserve();
+                        false
+                    }
                     Err(e) => {
                         if inner.flush.lock().broken.is_none() {
                             tracing::warn!(error = %e, "background flush failed; trying again in a few seconds");
@@ -1998,6 +2051,63 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
 }
 
 impl Inner {
+    /// Allocates the space reserve when it is missing (at open, then after
+    /// background flushes) and the medium has twice its size free, so that
+    /// taking it back never fills the disk under the clients' writes.
+    fn keep_reserve(&self) {
+        let want = self.opts.space_reserve_bytes;
+        if want == 0 || !self.reserve_missing.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.medium.exists(RESERVE) {
+            self.reserve_missing.store(false, Ordering::Relaxed);
+            return;
+        }
+        if self
+            .medium
+            .available()
+            .map_or(true, |a| a < want.saturating_mul(2))
+        {
+            return;
+        }
+        match self.build_reserve(want) {
+            Ok(()) => {
+                self.reserve_missing.store(false, Ordering::Relaxed);
+                tracing::info!(bytes = want, "space reserve allocated");
+            }
+            Err(e) => {
+                let _ = self.medium.remove(RESERVE_TMP);
+                tracing::warn!(error = %e, "cannot allocate the space reserve; trying again after the next flush");
+            }
+        }
+    }
+
+    /// Writes the reserve whole (bytes that no filesystem compresses away),
+    /// then puts it in place.
+    fn build_reserve(&self, want: u64) -> std::io::Result<()> {
+        let m = &*self.medium;
+        m.remove(RESERVE_TMP)?;
+        let f = m.open(RESERVE_TMP, true)?;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let chunk: Vec<u8> = (0..1 << 17)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        let mut at = 0;
+        while at < want {
+            let n = (want - at).min(chunk.len() as u64);
+            f.write_at(&chunk[..n as usize], at)?;
+            at += n;
+        }
+        f.sync_data()?;
+        m.rename(RESERVE_TMP, RESERVE)?;
+        m.sync_dir()
+    }
+
     /// Whether freed space waiting for a flush calls for one now. Without
     /// this, a client that never flushes would make the data file grow
     /// without bound (freed slots are reusable only once durable): 128 MiB

@@ -52,6 +52,7 @@ fn snapshot_deletions_run_alongside_writes() {
         // One batch in the foreground, the rest in the background, racing
         // the writers, the checks and the next deletions.
         gc_foreground: Duration::ZERO,
+        ..PoolOptions::default()
     };
     let medium = MemMedium::new();
     let pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();

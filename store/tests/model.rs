@@ -104,6 +104,7 @@ fn run(ops: Vec<Op>) {
         // Deletions collect one batch and leave the rest to the background
         // collector, which the next operations and reopens race.
         gc_foreground: std::time::Duration::ZERO,
+        space_reserve_bytes: 64 << 10,
     };
     let mut pool = Pool::open_medium(Arc::new(medium.clone()), opts.clone()).unwrap();
     pool.create_volume("v", SIZE).unwrap();

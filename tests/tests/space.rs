@@ -206,3 +206,77 @@ fn a_full_disk_gets_enospc_and_recovers_once_a_snapshot_is_deleted() {
     gw.restart();
     gw.qemu_io_ok("v", &["read -P 0x43 0 64M"]);
 }
+
+/// A gateway killed on a full disk starts again (M4: recovery needs no
+/// manual repair): opening writes a checkpoint and a new journal, and when
+/// the disk has no room for them the pool gives back its space reserve
+/// (the file `reserve` in the data directory) and opens. Everything
+/// flushed reads back; once space is freed the reserve is taken again.
+#[test]
+fn a_gateway_killed_on_a_full_disk_starts_again() {
+    if !require_tools(&["qemu-io", "df", "mount", "umount"]) || !can_mount() {
+        return;
+    }
+    let mut gw = Gateway::start_with(Options {
+        data_fs_bytes: Some(96 * MIB),
+        ..Options::default()
+    });
+    let dir = gw.data_dir().to_path_buf();
+    let reserve = dir.join("reserve");
+    assert_eq!(
+        std::fs::metadata(&reserve).map(|m| m.blocks() * 512).ok(),
+        Some(16 * MIB),
+        "a new pool holds a 16 MiB space reserve"
+    );
+    gw.create_volume("v", "1G");
+    gw.qemu_io_ok("v", &["write -P 0x41 0 32M", "flush"]);
+    // Unflushed writes fill the disk; the gateway dies right then.
+    let out = gw.qemu_io("v", &["write -P 0x42 32M 128M"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "writing past the disk's size: {text}"
+    );
+    assert!(fs_free(&dir) < 8 * MIB, "the disk did not fill up");
+    gw.restart();
+    assert!(
+        gw.log().contains("giving back the space reserve"),
+        "the restart did not need the reserve:\n{}",
+        gw.log()
+    );
+    assert!(!reserve.exists(), "the reserve is back on a full disk");
+    assert_eq!(reserve_metric(&gw), 0);
+    gw.qemu_io_ok("v", &["read -P 0x41 0 32M"]);
+    // Trimming what did not fit frees space; the reserve comes back after
+    // the next background flush.
+    gw.qemu_io_ok("v", &["discard 32M 128M", "flush"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reserve.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the reserve did not come back: {} MiB free\n{}",
+            mib(fs_free(&dir)),
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(reserve_metric(&gw), 16 * MIB);
+    gw.qemu_io_ok("v", &["write -P 0x43 32M 16M", "flush"]);
+    gw.restart();
+    gw.qemu_io_ok("v", &["read -P 0x41 0 32M", "read -P 0x43 32M 16M"]);
+}
+
+/// `snapgate_space_reserve_bytes` from the admin endpoint's /metrics.
+fn reserve_metric(gw: &Gateway) -> u64 {
+    let (code, body) =
+        http_get(gw.admin_addr(), "/metrics", Duration::from_secs(5)).expect("GET /metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("snapgate_space_reserve_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no snapgate_space_reserve_bytes in /metrics:\n{body}"))
+}
