@@ -96,6 +96,12 @@ pub struct ServeArgs {
     /// writes per small random write once much data is written).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub map_cache: u64,
+    /// Disk space kept in the data directory (the file `reserve`) so that
+    /// the gateway can start again after the disk filled up; it is given
+    /// back when a start finds no room, and taken again once there is.
+    /// 0 keeps none.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_or_zero)]
+    pub space_reserve: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +267,7 @@ fn serve(args: ServeArgs, admin: &str, json_logs: bool) -> Result<ExitCode> {
         admin: admin.to_owned(),
         peer_listen: args.peer_listen,
         map_cache: args.map_cache,
+        space_reserve: args.space_reserve,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -718,6 +725,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         ));
     }
     n.checked_mul(1u64 << shift).ok_or_else(too_big)
+}
+
+/// [`parse_size`], with 0 allowed (it turns the setting off).
+pub fn parse_size_or_zero(text: &str) -> Result<u64, String> {
+    if text.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(text)
+    }
 }
 
 /// Unix milliseconds as `2024-05-01 12:00:00Z` (UTC).

@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub peer_listen: Option<String>,
     /// Memory for the store's map pages (see `store::PoolOptions`).
     pub map_cache: u64,
+    /// Disk space held for a restart on a full disk (see `store::PoolOptions`).
+    pub space_reserve: u64,
 }
 
 /// The NBD exports of a pool: every volume's head `vol` (read-write) and
@@ -120,6 +122,7 @@ impl Gateway {
         let dir = cfg.data.clone();
         let opts = PoolOptions {
             map_cache_bytes: cfg.map_cache,
+            space_reserve_bytes: cfg.space_reserve,
             ..PoolOptions::default()
         };
         let opened = tokio::task::spawn_blocking(move || Pool::open(&dir, opts))
@@ -409,6 +412,7 @@ mod tests {
             admin: "127.0.0.1:0".into(),
             peer_listen: Some("127.0.0.1:0".into()),
             map_cache: 64 << 20,
+            space_reserve: 16 << 20,
         })
         .await
         .err()
@@ -429,6 +433,7 @@ mod tests {
             admin: "127.0.0.1:0".into(),
             peer_listen: None,
             map_cache: 64 << 20,
+            space_reserve: 16 << 20,
         };
         let gw = Gateway::start(cfg.clone()).await.unwrap();
 

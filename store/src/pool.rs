@@ -26,6 +26,8 @@ const META_FILE: &str = "meta";
 /// it is built in first, so that the reserve exists only whole.
 const RESERVE: &str = "reserve";
 const RESERVE_TMP: &str = "reserve.tmp";
+/// How long after a failure to build it the reserve is tried again.
+const RESERVE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 const STRIPES: usize = 256;
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -534,7 +536,7 @@ impl FlushState {
 
 pub(crate) struct Inner {
     medium: Arc<dyn Medium>,
-    _lock: Box<dyn Send + Sync>,
+    _lock: Arc<dyn Send + Sync>,
     data: Arc<dyn MediumFile>,
     vols: RwLock<Vols>,
     journal: Mutex<Journal>,
@@ -569,8 +571,8 @@ pub(crate) struct Inner {
     resizing: Mutex<()>,
     /// The map pages' file and cache.
     pages: Arc<PageStore>,
-    /// The space reserve may be missing (see `Inner::keep_reserve`).
-    reserve_missing: AtomicBool,
+    /// When building the space reserve may be tried again after a failure.
+    reserve_retry: Mutex<Option<Instant>>,
 }
 
 /// At most this many slots are remembered as fresh (in-place candidates):
@@ -619,12 +621,27 @@ impl Pool {
     /// Opens a pool on any medium (tests use [`crate::MemMedium`]). Out of
     /// space, it gives the space reserve back and tries once more.
     pub fn open_medium(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {
+        // Held across both tries, so no other process opens the pool or
+        // touches its reserve in between.
+        let lock: Arc<dyn Send + Sync> = Arc::from(medium.lock().map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::new(
+                    ErrorKind::Locked,
+                    format!(
+                        "the pool at {} is in use by another process (stop the other snapgate first)",
+                        medium.describe()
+                    ),
+                )
+            } else {
+                Error::io(format!("cannot lock the pool at {}", medium.describe()), e)
+            }
+        })?);
         let full = |e: Error, how: &str| {
             e.prefixed(format!(
                 "the disk is full{how} (free some space on it, then open the pool again)"
             ))
         };
-        match Self::open_once(medium.clone(), opts.clone()) {
+        match Self::open_once(medium.clone(), opts.clone(), lock.clone()) {
             Err(e) if e.kind() == ErrorKind::NoSpace => {
                 if !medium.exists(RESERVE) && !medium.exists(RESERVE_TMP) {
                     return Err(full(e, ""));
@@ -639,7 +656,7 @@ impl Pool {
                 medium
                     .sync_dir()
                     .map_err(|e| Error::io("cannot sync the data directory", e))?;
-                Self::open_once(medium.clone(), opts).map_err(|e| {
+                Self::open_once(medium.clone(), opts, lock).map_err(|e| {
                     if e.kind() == ErrorKind::NoSpace {
                         full(e, " even with the space reserve given back")
                     } else {
@@ -651,20 +668,11 @@ impl Pool {
         }
     }
 
-    fn open_once(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {
-        let lock = medium.lock().map_err(|e| {
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Error::new(
-                    ErrorKind::Locked,
-                    format!(
-                        "the pool at {} is in use by another process (stop the other snapgate first)",
-                        medium.describe()
-                    ),
-                )
-            } else {
-                Error::io(format!("cannot lock the pool at {}", medium.describe()), e)
-            }
-        })?;
+    fn open_once(
+        medium: Arc<dyn Medium>,
+        opts: PoolOptions,
+        lock: Arc<dyn Send + Sync>,
+    ) -> Result<Arc<Pool>> {
         let data = medium
             .open(DATA_FILE, true)
             .map_err(|e| Error::io("cannot open the data file", e))?;
@@ -761,7 +769,7 @@ impl Pool {
             torn: Mutex::new(None),
             resizing: Mutex::new(()),
             pages,
-            reserve_missing: AtomicBool::new(true),
+            reserve_retry: Mutex::new(None),
         });
         {
             let mut fs = inner.flush.lock();
@@ -787,6 +795,9 @@ impl Pool {
         // Punch the space of free slots beyond the reuse reserve (slots
         // freed before a crash never got punched).
         inner.punch_free_space();
+        // A reserve a crash cut short (nothing else builds one meanwhile:
+        // the pool is locked and its flusher not started).
+        let _ = inner.medium.remove(RESERVE_TMP);
         inner.keep_reserve();
         let flusher = start_flusher(&inner);
         let collector = start_collector(&inner);
@@ -1261,11 +1272,7 @@ impl Pool {
             meta_slots_used,
             meta_slots_high,
             gc_pending_volumes,
-            space_reserve_bytes: if self.inner.reserve_missing.load(Ordering::Relaxed) {
-                0
-            } else {
-                self.inner.opts.space_reserve_bytes
-            },
+            space_reserve_bytes: self.inner.reserve_held(),
         }
     }
 }
@@ -2051,35 +2058,48 @@ fn start_flusher(inner: &Arc<Inner>) -> Option<std::thread::JoinHandle<()>> {
 }
 
 impl Inner {
-    /// Allocates the space reserve when it is missing (at open, then after
-    /// background flushes) and the medium has twice its size free, so that
-    /// taking it back never fills the disk under the clients' writes.
+    /// Allocates the space reserve when it is missing or of another size
+    /// (at open, then after background flushes) and the medium has twice
+    /// its size free, so that taking it back never fills the disk under the
+    /// clients' writes; removes it when none is wanted. Called at open and
+    /// by the flusher thread only, never concurrently.
     fn keep_reserve(&self) {
         let want = self.opts.space_reserve_bytes;
-        if want == 0 || !self.reserve_missing.load(Ordering::Relaxed) {
+        let m = &*self.medium;
+        let have = m.exists(RESERVE).then(|| self.reserve_held());
+        if want == 0 {
+            if have.is_some() {
+                if let Err(e) = m.remove(RESERVE).and_then(|()| m.sync_dir()) {
+                    tracing::warn!(error = %e, "cannot remove the space reserve");
+                }
+            }
             return;
         }
-        if self.medium.exists(RESERVE) {
-            self.reserve_missing.store(false, Ordering::Relaxed);
+        let mut retry = self.reserve_retry.lock();
+        if have == Some(want) || retry.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        if self
-            .medium
-            .available()
-            .map_or(true, |a| a < want.saturating_mul(2))
-        {
+        if m.available().map_or(true, |a| a < want.saturating_mul(2)) {
             return;
         }
+        // The rename replaces a reserve of another size.
         match self.build_reserve(want) {
-            Ok(()) => {
-                self.reserve_missing.store(false, Ordering::Relaxed);
-                tracing::info!(bytes = want, "space reserve allocated");
-            }
+            Ok(()) => tracing::info!(bytes = want, "space reserve allocated"),
             Err(e) => {
-                let _ = self.medium.remove(RESERVE_TMP);
-                tracing::warn!(error = %e, "cannot allocate the space reserve; trying again after the next flush");
+                let _ = m.remove(RESERVE_TMP);
+                *retry = Some(Instant::now() + RESERVE_RETRY);
+                tracing::warn!(error = %e, "cannot allocate the space reserve; trying again in a minute");
             }
         }
+    }
+
+    /// Bytes of the space reserve in place (0 when missing).
+    fn reserve_held(&self) -> u64 {
+        let m = &*self.medium;
+        if !m.exists(RESERVE) {
+            return 0;
+        }
+        m.open(RESERVE, false).and_then(|f| f.len()).unwrap_or(0)
     }
 
     /// Writes the reserve whole (bytes that no filesystem compresses away),
@@ -2088,17 +2108,18 @@ impl Inner {
         let m = &*self.medium;
         m.remove(RESERVE_TMP)?;
         let f = m.open(RESERVE_TMP, true)?;
+        // xorshift64: no chunk repeats another, so deduplication cannot
+        // shrink the reserve either.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let chunk: Vec<u8> = (0..1 << 17)
-            .flat_map(|_| {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < want {
+            for w in chunk.chunks_exact_mut(8) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect();
-        let mut at = 0;
-        while at < want {
+                w.copy_from_slice(&x.to_le_bytes());
+            }
             let n = (want - at).min(chunk.len() as u64);
             f.write_at(&chunk[..n as usize], at)?;
             at += n;

@@ -343,3 +343,59 @@ fn a_frame_cut_short_by_a_full_disk_is_cut_off_before_the_next_journal() {
     });
     drop((h, w, pool));
 }
+
+/// A pool stopped on a full disk opens again: the open's checkpoint and
+/// new journal find no room, so it gives the space reserve back (here that
+/// frees room for any number of writes) and tries again, with everything
+/// flushed and the unflushed writes it replays. Without a reserve the open
+/// fails with `NoSpace` and says what to do.
+#[test]
+fn an_open_on_a_full_disk_gives_back_the_space_reserve() {
+    for reserve in [64 << 10, 0] {
+        let limits = Limits::new(libc::ENOSPC);
+        let o = PoolOptions {
+            space_reserve_bytes: reserve,
+            ..opts()
+        };
+        let (m, left, pool, h) = start_with(o.clone(), limits.clone());
+        assert_eq!(m.exists("reserve"), reserve > 0);
+        assert_eq!(pool.stats().space_reserve_bytes, reserve);
+        pool.flush().unwrap();
+        for b in 0..BLOCKS / 2 {
+            write(&h, 2, b).unwrap();
+        }
+        // Journaled, not flushed: a kill keeps them, and the open's
+        // checkpoint must write their map pages.
+        let killed = m.kill();
+        drop(h);
+        drop(pool);
+        left.store(0, Ordering::SeqCst);
+        limits.freed_by("reserve", ROOM);
+        let reopened = Pool::open_medium(
+            Arc::new(Limited {
+                m: killed.clone(),
+                limits: limits.clone(),
+            }),
+            o,
+        );
+        if reserve == 0 {
+            let e = reopened.err().expect("a full disk without a reserve");
+            assert_eq!(e.kind(), ErrorKind::NoSpace);
+            assert!(
+                e.to_string().contains("the disk is full (free some space"),
+                "{e}"
+            );
+            continue;
+        }
+        let pool = reopened.unwrap_or_else(|e| panic!("the open did not use the reserve: {e}"));
+        // With room again, the open takes the reserve back at once.
+        assert!(killed.exists("reserve"));
+        let h = pool.open_head("v").unwrap();
+        let mut buf = vec![0u8; BLOCK];
+        for b in 0..BLOCKS {
+            h.read_at(&mut buf, b * BLOCK as u64).unwrap();
+            let g = if b < BLOCKS / 2 { 2 } else { 1 };
+            assert!(buf.iter().all(|&x| x == val(g, b)), "block {b}");
+        }
+    }
+}

@@ -317,6 +317,8 @@ pub struct Options {
     /// Put the data directory on a tmpfs of this many bytes (a small disk
     /// that fills up). Needs root: see [`can_mount`].
     pub data_fs_bytes: Option<u64>,
+    /// More `snapgate serve` arguments.
+    pub serve_args: Vec<String>,
 }
 
 /// Whether this process may mount filesystems (root); under CI=true it
@@ -348,6 +350,8 @@ pub struct Gateway {
     starts: u32,
     /// The data directory is a tmpfs mount point (unmounted on drop).
     mounted: bool,
+    /// More `snapgate serve` arguments, used at every (re)start.
+    pub serve_args: Vec<String>,
 }
 
 impl Gateway {
@@ -378,6 +382,7 @@ impl Gateway {
             socket,
             starts: 0,
             mounted: false,
+            serve_args: opts.serve_args.clone(),
         };
         if let Some(bytes) = opts.data_fs_bytes {
             std::fs::create_dir_all(&gw.data).expect("mkdir data");
@@ -437,6 +442,7 @@ impl Gateway {
             let _ = std::fs::remove_file(sock);
             c.arg("--socket").arg(sock);
         }
+        c.args(&self.serve_args);
         c.env_remove("SNAPGATE_ADMIN")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())

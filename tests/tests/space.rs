@@ -255,7 +255,7 @@ fn a_gateway_killed_on_a_full_disk_starts_again() {
     // the next background flush.
     gw.qemu_io_ok("v", &["discard 32M 128M", "flush"]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !reserve.exists() {
+    while reserve_metric(&gw) != 16 * MIB {
         assert!(
             Instant::now() < deadline,
             "the reserve did not come back: {} MiB free\n{}",
@@ -264,7 +264,7 @@ fn a_gateway_killed_on_a_full_disk_starts_again() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(reserve_metric(&gw), 16 * MIB);
+    assert!(reserve.exists());
     gw.qemu_io_ok("v", &["write -P 0x43 32M 16M", "flush"]);
     gw.restart();
     gw.qemu_io_ok("v", &["read -P 0x41 0 32M", "read -P 0x43 32M 16M"]);
@@ -279,4 +279,30 @@ fn reserve_metric(gw: &Gateway) -> u64 {
         .find_map(|l| l.strip_prefix("snapgate_space_reserve_bytes "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no snapgate_space_reserve_bytes in /metrics:\n{body}"))
+}
+
+/// `serve --space-reserve SIZE` sets the reserve's size; a restart with
+/// another size (0: none) takes or gives back the difference.
+#[test]
+fn the_space_reserve_follows_its_setting() {
+    let mut gw = Gateway::start_with(Options {
+        serve_args: vec!["--space-reserve".into(), "4M".into()],
+        ..Options::default()
+    });
+    let reserve = gw.data_dir().join("reserve");
+    let held = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).ok();
+    assert_eq!(held(&reserve), Some(4 * MIB));
+    assert_eq!(reserve_metric(&gw), 4 * MIB);
+    gw.serve_args = vec!["--space-reserve".into(), "0".into()];
+    gw.restart();
+    assert_eq!(held(&reserve), None, "--space-reserve 0 keeps the reserve");
+    assert_eq!(reserve_metric(&gw), 0);
+    gw.serve_args = vec![];
+    gw.restart();
+    assert_eq!(
+        held(&reserve),
+        Some(16 * MIB),
+        "the default reserve is 16 MiB"
+    );
+    assert_eq!(reserve_metric(&gw), 16 * MIB);
 }

@@ -23,6 +23,8 @@ pub struct Limits {
     short: Arc<AtomicBool>,
     /// The error of a failing write.
     errno: i32,
+    /// Removing this file gives room for this many writes.
+    freed_by: Arc<Mutex<Option<(&'static str, u64)>>>,
 }
 
 impl Limits {
@@ -32,7 +34,13 @@ impl Limits {
             only: Arc::new(Mutex::new(None)),
             short: Arc::new(AtomicBool::new(false)),
             errno,
+            freed_by: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Removing file `name` (when it exists) gives room for `writes` more.
+    pub fn freed_by(&self, name: &'static str, writes: u64) {
+        *self.freed_by.lock().unwrap() = Some((name, writes));
     }
 
     /// Only files whose name starts with `prefix` run out (`None`: all).
@@ -122,6 +130,11 @@ impl Medium for Limited {
         self.m.rename(from, to)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
+        if let Some((n, writes)) = *self.limits.freed_by.lock().unwrap() {
+            if n == name && self.m.exists(name) {
+                self.limits.left.store(writes, Ordering::SeqCst);
+            }
+        }
         self.m.remove(name)
     }
     fn sync_dir(&self) -> io::Result<()> {
