@@ -854,7 +854,8 @@ impl Pool {
         let seq = self.inner.journal.lock().append(&rec)?;
         apply_vol_record(&mut vols, &rec);
         drop(vols);
-        self.inner.flush_upto(seq)?;
+        self.inner
+            .flush_applied(seq, || format!("volume {name:?} was created"))?;
         self.volume_info(name)
     }
 
@@ -923,7 +924,8 @@ impl Pool {
         if size < old {
             seq = seq.max(head.drop_past(size, old)?);
         }
-        self.inner.flush_upto(seq)?;
+        self.inner
+            .flush_applied(seq, || format!("volume {name:?} was resized"))?;
         self.volume_info(name)
     }
 
@@ -953,7 +955,8 @@ impl Pool {
         // go back in batches as the map is read, not through `pending`,
         // which would hold every slot of the volume in memory at once.
         // Readers that located slots before the deletion finish first.
-        self.inner.flush_upto(seq)?;
+        self.inner
+            .flush_applied(seq, || format!("volume {name:?} was deleted"))?;
         drop(self.inner.reuse.write());
         let mut slots = Vec::new();
         let cleared = map.clear(|l| {
@@ -1034,7 +1037,9 @@ impl Pool {
                 },
             )
         };
-        self.inner.flush_upto(seq)?;
+        self.inner.flush_applied(seq, || {
+            format!("snapshot {name:?} of volume {volume:?} was created")
+        })?;
         Ok(info)
     }
 
@@ -1070,7 +1075,9 @@ impl Pool {
             .load(Ordering::Acquire)
             .then(|| Instant::now() + inner.opts.gc_foreground);
         let (last, done) = inner.reclaim(&cell, until).unwrap_or((0, false));
-        inner.flush_upto(seq.max(last))?;
+        inner.flush_applied(seq.max(last), || {
+            format!("snapshot {name:?} of volume {volume:?} was deleted")
+        })?;
         if !done {
             inner.collector.ring();
         } else if let Err(e) = inner.fold_all() {
@@ -2192,6 +2199,26 @@ impl Inner {
     /// Makes every record up to `target` and the data it points to durable.
     fn flush_upto(&self, target: u64) -> Result<()> {
         self.flush_inner(target, Fold::Over)
+    }
+
+    /// Flushes an administrative change (volume or snapshot created,
+    /// resized, deleted) that already took effect in memory. A flush that
+    /// fails only in the checkpoint after its journal sync made the change
+    /// durable all the same: done, with a warning. Any other failure says
+    /// the change took effect, since it stays, and the next flush that
+    /// succeeds makes it durable.
+    fn flush_applied(&self, target: u64, what: impl FnOnce() -> String) -> Result<()> {
+        let Err(e) = self.flush_upto(target) else {
+            return Ok(());
+        };
+        let what = what();
+        if self.flush.lock().durable_upto >= target {
+            tracing::warn!(error = %e, "{what}; the checkpoint after it failed");
+            return Ok(());
+        }
+        Err(e.prefixed(format!(
+            "{what}, but is not durable yet (the next successful flush makes it so)"
+        )))
     }
 
     /// Flushes up to `target`, then writes a checkpoint when `why` says one

@@ -399,3 +399,66 @@ fn an_open_on_a_full_disk_gives_back_the_space_reserve() {
         }
     }
 }
+
+/// A snapshot deletion whose flush finds the disk full has still taken
+/// effect: the error says so (not just "no space"), the snapshot is gone
+/// from the list, and the next flush with room makes the deletion durable.
+/// The journal gets room for 1, 2, … writes until the deletion's record
+/// fits but the `Sync` record its flush appends does not.
+#[test]
+fn a_deletion_whose_flush_fails_says_it_took_effect() {
+    for room in 1..8 {
+        let limits = Limits::new(libc::ENOSPC);
+        let (m, left, pool, h) = start_with(opts(), limits.clone());
+        pool.create_snapshot("v", "s").unwrap();
+        write(&h, 2, 0).unwrap();
+        pool.flush().unwrap();
+        limits.only(Some("journal"));
+        left.store(room, Ordering::SeqCst);
+        let e = pool.delete_snapshot("v", "s").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        if !pool.snapshots("v").unwrap().is_empty() {
+            // The record did not fit: nothing happened, and the error is
+            // the plain one.
+            assert!(e.to_string().starts_with("cannot append"), "{e}");
+            continue;
+        }
+        assert!(
+            e.to_string()
+                .starts_with("snapshot \"s\" of volume \"v\" was deleted, but is not durable yet"),
+            "{e}"
+        );
+        // A power cut now would bring the snapshot back; a flush with room
+        // makes the deletion durable.
+        let before = m.crash(|_, _| false);
+        left.store(ROOM, Ordering::SeqCst);
+        pool.flush().unwrap();
+        drop(h);
+        let after = m.crash(|_, _| false);
+        let pool = Pool::open_medium(Arc::new(before), opts()).unwrap();
+        assert_eq!(pool.snapshots("v").unwrap().len(), 1);
+        let pool = Pool::open_medium(Arc::new(after), opts()).unwrap();
+        assert!(pool.snapshots("v").unwrap().is_empty());
+        return;
+    }
+    panic!("no room made the deletion's record fit but not its flush");
+}
+
+/// A snapshot deletion whose flush made it durable but whose checkpoint
+/// after it found the disk full succeeds: the deletion is done for good.
+#[test]
+fn a_deletion_whose_checkpoint_fails_after_its_sync_is_done() {
+    let limits = Limits::new(libc::ENOSPC);
+    let (m, left, pool, h) = start_with(opts(), limits.clone());
+    pool.create_snapshot("v", "s").unwrap();
+    write(&h, 2, 0).unwrap();
+    pool.flush().unwrap();
+    // The journal has room; the checkpoint every flush writes here has not.
+    limits.only(Some("checkpoint"));
+    left.store(0, Ordering::SeqCst);
+    pool.delete_snapshot("v", "s").unwrap();
+    let crashed = m.crash(|_, _| false);
+    let pool = Pool::open_medium(Arc::new(crashed), opts()).unwrap();
+    assert!(pool.snapshots("v").unwrap().is_empty());
+    drop(h);
+}
