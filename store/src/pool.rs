@@ -2213,7 +2213,7 @@ impl Inner {
         };
         let what = what();
         if self.flush.lock().durable_upto >= target {
-            tracing::warn!(error = %e, "{what}; the checkpoint after it failed");
+            tracing::error!(error = %e, "{what}; the checkpoint after it failed");
             return Ok(());
         }
         Err(e.prefixed(format!(
