@@ -22,11 +22,8 @@
 //!   the reader takes a permit of the `in_flight` semaphore before it reads a
 //!   request's payload and the permit travels inside the reply [`Frame`], so it
 //!   is released only once the reply is written (or the connection is gone).
-//!   READ/WRITE buffers additionally take permits of two byte budgets: the
-//!   connection's ([`BUFFER_BUDGET`]), then the server's, shared by every
-//!   connection (a quarter of the machine's memory, at least 1 GiB), so
-//!   clients that pipeline large reads and never read the replies cannot
-//!   together exhaust memory. They travel with the reply like the slot.
+//!   READ/WRITE buffers additionally take `buffer_budget` permits (one per
+//!   byte), bounding buffered payload per connection.
 //! - Nothing is locked across an await or a device call. The device does its
 //!   own locking; a FLUSH reply covers every write whose reply was already
 //!   sent, because a write's reply is queued only after the device returned.
@@ -66,22 +63,6 @@ use tracing::{debug, error, info, warn, Instrument};
 pub const MAX_IN_FLIGHT: usize = 64;
 /// READ/WRITE payload bytes buffered per connection at once.
 const BUFFER_BUDGET: usize = 256 << 20;
-
-/// READ/WRITE payload bytes buffered by all connections at once by default:
-/// a quarter of the memory, at least 1 GiB.
-fn default_buffer_memory() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    let total = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
-    usize::try_from(total / 4)
-        .unwrap_or(usize::MAX)
-        .clamp(1 << 30, Semaphore::MAX_PERMITS)
-}
 /// Connections served at once; further clients wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish their requests.
@@ -102,8 +83,6 @@ pub struct Server {
     source: Arc<dyn ExportSource>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
-    /// Payload bytes all connections may buffer at once.
-    buffer_memory: Arc<Semaphore>,
 }
 
 impl Server {
@@ -113,14 +92,7 @@ impl Server {
             source,
             metrics,
             handshake_timeout: HANDSHAKE_TIMEOUT,
-            buffer_memory: Arc::new(Semaphore::new(default_buffer_memory())),
         }
-    }
-
-    /// Changes how many payload bytes all connections may buffer at once.
-    pub fn with_buffer_memory(mut self, bytes: usize) -> Self {
-        self.buffer_memory = Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS)));
-        self
     }
 
     /// Changes how long a client may take to choose an export.
@@ -285,7 +257,6 @@ impl Server {
             contexts: session.contexts,
             metrics: Arc::clone(&self.metrics),
             bufs: BufPool::default(),
-            shared_budget: Arc::clone(&self.buffer_memory),
         });
         transmission(conn, r, w, shutdown)
             .instrument(tracing::info_span!("export", name = %name))
@@ -375,8 +346,6 @@ struct Conn {
     metrics: Arc<Metrics>,
     /// Recycled READ reply and WRITE payload buffers.
     bufs: BufPool,
-    /// The server's payload budget, shared by every connection.
-    shared_budget: Arc<Semaphore>,
 }
 
 /// Buffers kept for reuse: a fresh multi-megabyte buffer costs a memset and
@@ -425,27 +394,7 @@ impl BufPool {
 struct Frame {
     bytes: Vec<u8>,
     _slot: OwnedSemaphorePermit,
-    _buffer: Option<Budget>,
-}
-
-/// Payload bytes taken from the connection's budget and the server's.
-struct Budget {
-    _conn: OwnedSemaphorePermit,
-    _server: OwnedSemaphorePermit,
-}
-
-impl Budget {
-    /// Waits for `n` bytes of both budgets (the connection's first, so one
-    /// connection never holds more than its own share of the server's);
-    /// `None` once either is closed.
-    async fn take(conn: &Arc<Semaphore>, server: &Arc<Semaphore>, n: u32) -> Option<Budget> {
-        let c = Arc::clone(conn).acquire_many_owned(n).await.ok()?;
-        let s = Arc::clone(server).acquire_many_owned(n).await.ok()?;
-        Some(Budget {
-            _conn: c,
-            _server: s,
-        })
-    }
+    _buffer: Option<OwnedSemaphorePermit>,
 }
 
 /// A request that passed validation, ready for the device.
@@ -711,8 +660,7 @@ async fn transmission<R, W>(
                     break End::Io(e);
                 }
             } else {
-                let Some(permit) = Budget::take(&budget, &conn.shared_budget, req.length).await
-                else {
+                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(req.length).await else {
                     break End::WriterGone;
                 };
                 let mut data = conn.bufs.take(req.length as usize);
@@ -764,9 +712,9 @@ async fn transmission<R, W>(
         };
         // A READ's reply buffer counts against the budget until written.
         let read_buffer = match op {
-            Op::Read { len, .. } => match Budget::take(&budget, &conn.shared_budget, len).await {
-                Some(p) => Some(p),
-                None => break End::WriterGone,
+            Op::Read { len, .. } => match Arc::clone(&budget).acquire_many_owned(len).await {
+                Ok(p) => Some(p),
+                Err(_) => break End::WriterGone,
             },
             _ => None,
         };
