@@ -1075,16 +1075,18 @@ impl Pool {
             .load(Ordering::Acquire)
             .then(|| Instant::now() + inner.opts.gc_foreground);
         let (last, done) = inner.reclaim(&cell, until).unwrap_or((0, false));
-        inner.flush_applied(seq.max(last), || {
+        let flushed = inner.flush_applied(seq.max(last), || {
             format!("snapshot {name:?} of volume {volume:?} was deleted")
-        })?;
+        });
         if !done {
             inner.collector.ring();
-        } else if let Err(e) = inner.fold_all() {
-            // The deletion is durable; the checkpoint was for space only.
-            tracing::error!(volume, snapshot = name, error = %e, "checkpoint after deleting a snapshot failed");
+        } else if flushed.is_ok() {
+            if let Err(e) = inner.fold_all() {
+                // The deletion is durable; the checkpoint was for space only.
+                tracing::error!(volume, snapshot = name, error = %e, "checkpoint after deleting a snapshot failed");
+            }
         }
-        Ok(())
+        flushed
     }
 
     /// Journals a snapshot's removal and takes it off the volume's list
@@ -2212,13 +2214,19 @@ impl Inner {
             return Ok(());
         };
         let what = what();
-        if self.flush.lock().durable_upto >= target {
-            tracing::error!(error = %e, "{what}; the checkpoint after it failed");
+        let fs = self.flush.lock();
+        if fs.durable_upto >= target {
+            tracing::error!(error = %e, "{what} (durably), but a flush failed");
             return Ok(());
         }
-        Err(e.prefixed(format!(
-            "{what}, but is not durable yet (the next successful flush makes it so)"
-        )))
+        // A failed sync or in-place overwrite fails every flush until the
+        // pool is reopened, which recovers whatever the medium kept.
+        let stuck = fs.broken.is_some() || self.torn.lock().is_some();
+        Err(e.prefixed(if stuck {
+            format!("{what}, but is not durable, and a restart may undo it (this pool can make nothing durable until restarted)")
+        } else {
+            format!("{what}, but is not durable yet (the next successful flush makes it so)")
+        }))
     }
 
     /// Flushes up to `target`, then writes a checkpoint when `why` says one

@@ -260,6 +260,13 @@ fn a_failed_page_sync_is_not_forgotten() {
     h.write_at(&[7; BLOCK], 60 * BLOCK as u64, false).unwrap();
     let second = h.flush().unwrap_err();
     assert!(second.to_string().contains("restart"), "{second}");
+    // An administrative change takes effect but says a restart may undo it.
+    let e = pool.create_volume("z", 1 << 20).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("volume \"z\" was created, but is not durable, and a restart may undo it"),
+        "{e}"
+    );
     drop(h);
     drop(pool);
     let pool = Pool::open_medium(Arc::new(w.m.crash(|_, _| true)), opts()).unwrap();
