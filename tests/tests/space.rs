@@ -174,17 +174,7 @@ fn a_full_disk_gets_enospc_and_recovers_once_a_snapshot_is_deleted() {
     gw.qemu_io_ok("v", &["write -P 0x41 0 64M", "flush"]);
     gw.snapshot("v", "s");
     // 128 MiB more does not fit next to the snapshot's 64 MiB.
-    let out = gw.qemu_io("v", &["write -P 0x42 0 128M"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("No space left on device"),
-        "writing past the disk's size: {text}"
-    );
-    assert!(fs_free(&dir) < 8 * MIB, "the disk did not fill up");
+    fill_the_disk(&gw, "write -P 0x42 0 128M");
     // Other requests keep working: the snapshot still reads whole.
     let out = run(Command::new("qemu-io")
         .args(["-r", "-f", "raw", "-c", "read -P 0x41 0 64M"])
@@ -231,17 +221,7 @@ fn a_gateway_killed_on_a_full_disk_starts_again() {
     gw.create_volume("v", "1G");
     gw.qemu_io_ok("v", &["write -P 0x41 0 32M", "flush"]);
     // Unflushed writes fill the disk; the gateway dies right then.
-    let out = gw.qemu_io("v", &["write -P 0x42 32M 128M"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("No space left on device"),
-        "writing past the disk's size: {text}"
-    );
-    assert!(fs_free(&dir) < 8 * MIB, "the disk did not fill up");
+    fill_the_disk(&gw, "write -P 0x42 32M 128M");
     gw.restart();
     assert!(
         gw.log().contains("giving back the space reserve"),
@@ -305,4 +285,20 @@ fn the_space_reserve_follows_its_setting() {
         "the default reserve is 16 MiB"
     );
     assert_eq!(reserve_metric(&gw), 16 * MIB);
+}
+
+/// Runs a qemu-io write on volume `v` that must fail with ENOSPC and leave
+/// the gateway's disk full.
+fn fill_the_disk(gw: &Gateway, write: &str) {
+    let out = gw.qemu_io("v", &[write]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "writing past the disk's size: {text}"
+    );
+    assert!(fs_free(gw.data_dir()) < 8 * MIB, "the disk did not fill up");
 }
