@@ -83,8 +83,13 @@
 //! entry, and every volume with any entry takes at least one 16 KiB page.
 //! Nor is the space reserve (`PoolOptions::space_reserve_bytes`, 16 MiB):
 //! room held for an open on a full disk, which gives it back when its
-//! checkpoint and new journal find no space, and which is taken again once
-//! the filesystem has twice as much free.
+//! checkpoint and new journal find no space and opens again (under the same
+//! pool lock), and which is taken again once the filesystem has twice as
+//! much free. The second open reads what the first left as any open reads
+//! what a crash left: before its root is renamed into place, an open writes
+//! only page slots the durable root does not use, a torn journal tail it
+//! cut, a new journal (perhaps without its header yet) and
+//! `checkpoint.tmp`.
 //!
 //! ## On-disk format (all integers little-endian)
 //! | file | content |
