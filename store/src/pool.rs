@@ -921,11 +921,19 @@ impl Pool {
             st.size = size;
             seq = seq.max(s);
         }
+        let resized = || format!("volume {name:?} was resized");
         if size < old {
-            seq = seq.max(head.drop_past(size, old)?);
+            // The new size holds already; the blocks past it that are not
+            // dropped yet are dropped by a later grow before it shows them.
+            let dropped = head.drop_past(size, old).map_err(|e| {
+                e.prefixed(format!(
+                    "{}, but not all of the blocks past its new size were dropped, and it is not durable yet (the next successful flush makes it so)",
+                    resized()
+                ))
+            })?;
+            seq = seq.max(dropped);
         }
-        self.inner
-            .flush_applied(seq, || format!("volume {name:?} was resized"))?;
+        self.inner.flush_applied(seq, resized)?;
         self.volume_info(name)
     }
 

@@ -462,3 +462,54 @@ fn a_deletion_whose_checkpoint_fails_after_its_sync_is_done() {
     assert!(pool.snapshots("v").unwrap().is_empty());
     drop(h);
 }
+
+/// A shrink whose drops find the journal full has still taken effect: the
+/// error says so; a later grow shows zeros past the old size, never the
+/// blocks the drops missed, and a flush with room makes it durable.
+#[test]
+fn a_shrink_whose_drops_fail_says_it_took_effect() {
+    let b = BLOCK as u64;
+    for room in 1..8 {
+        let limits = Limits::new(libc::ENOSPC);
+        let (m, left, pool, h) = start_with(opts(), limits.clone());
+        pool.flush().unwrap();
+        limits.only(Some("journal"));
+        left.store(room, Ordering::SeqCst);
+        let Err(e) = pool.resize_volume("v", 8 * b, true) else {
+            panic!("the shrink found room for everything with {room} writes");
+        };
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        if h.size() != 8 * b {
+            // The size record did not fit: nothing happened.
+            assert!(e.to_string().starts_with("cannot append"), "{e}");
+            continue;
+        }
+        assert!(
+            e.to_string().starts_with(
+                "volume \"v\" was resized, but not all of the blocks past its new size were dropped"
+            ),
+            "{e}"
+        );
+        left.store(ROOM, Ordering::SeqCst);
+        pool.resize_volume("v", 64 * b, false).unwrap();
+        let mut buf = vec![0u8; BLOCK];
+        for blk in 8..BLOCKS {
+            h.read_at(&mut buf, blk * b).unwrap();
+            assert!(buf.iter().all(|&x| x == 0), "block {blk} came back");
+        }
+        drop(h);
+        let pool = Pool::open_medium(Arc::new(m.crash(|_, _| false)), opts()).unwrap();
+        let h = pool.open_head("v").unwrap();
+        assert_eq!(h.size(), 64 * b);
+        for blk in 0..BLOCKS {
+            h.read_at(&mut buf, blk * b).unwrap();
+            let want = if blk < 8 { val(1, blk) } else { 0 };
+            assert!(
+                buf.iter().all(|&x| x == want),
+                "block {blk} after a power cut"
+            );
+        }
+        return;
+    }
+    panic!("no room made the size record fit but not the drops");
+}
