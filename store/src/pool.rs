@@ -1289,7 +1289,7 @@ impl Pool {
             meta_slots_used,
             meta_slots_high,
             gc_pending_volumes,
-            space_reserve_bytes: self.inner.reserve_held(),
+            space_reserve_bytes: self.inner.reserve_len().unwrap_or(0),
         }
     }
 }
@@ -2083,7 +2083,7 @@ impl Inner {
     fn keep_reserve(&self) {
         let want = self.opts.space_reserve_bytes;
         let m = &*self.medium;
-        let have = m.exists(RESERVE).then(|| self.reserve_held());
+        let have = self.reserve_len();
         if want == 0 {
             if have.is_some() {
                 if let Err(e) = m.remove(RESERVE).and_then(|()| m.sync_dir()) {
@@ -2110,13 +2110,13 @@ impl Inner {
         }
     }
 
-    /// Bytes of the space reserve in place (0 when missing).
-    fn reserve_held(&self) -> u64 {
+    /// Bytes of the space reserve in place (`None` when missing).
+    fn reserve_len(&self) -> Option<u64> {
         let m = &*self.medium;
         if !m.exists(RESERVE) {
-            return 0;
+            return None;
         }
-        m.open(RESERVE, false).and_then(|f| f.len()).unwrap_or(0)
+        Some(m.open(RESERVE, false).and_then(|f| f.len()).unwrap_or(0))
     }
 
     /// Writes the reserve whole (bytes that no filesystem compresses away),
