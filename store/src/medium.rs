@@ -34,6 +34,14 @@ pub trait MediumFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Gives the space of a range back to the medium; it reads as zeros after.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Like `read_at`, but only if that needs no wait for the device (the
+    /// bytes are all in memory): `Ok(false)` when it would wait, and then
+    /// `buf` holds nothing meaningful. A medium that cannot tell says
+    /// `false`, always.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
 }
 
 /// A directory of named files.
@@ -96,6 +104,44 @@ impl MediumFile for OsFile {
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_all_at(data, offset)
+    }
+    /// `preadv2` with `RWF_NOWAIT`: the kernel answers `EAGAIN` instead of
+    /// waiting for the disk (or for a page locked by I/O in progress).
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let Ok(at) = libc::off_t::try_from(offset + done as u64) else {
+                return Ok(false);
+            };
+            // SAFETY: one iovec over `rest`, which stays borrowed mutably
+            // for the call; the descriptor is owned by `self.0`.
+            let n = unsafe { libc::preadv2(self.0.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            match n {
+                0 => {
+                    rest.fill(0);
+                    return Ok(true);
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        // Not all in memory; or a kernel or filesystem
+                        // without the flag: the caller reads the usual way.
+                        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                            return Ok(false)
+                        }
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
@@ -239,6 +285,10 @@ impl MediumFile for MemFile {
             buf[..n].copy_from_slice(&s.current[off..off + n]);
         }
         Ok(())
+    }
+    /// Everything of a memory medium is in memory.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         if self.faults.lock().fail_io {

@@ -678,6 +678,16 @@ impl PagedMap {
         }
     }
 
+    /// `view`, but only from memory: `None` when the page would have to be
+    /// read from the meta file.
+    fn view_cached<'a>(&self, s: &'a Slot) -> Option<PageView<'a>> {
+        match s {
+            Slot::Dirty(p) => Some(PageView::Mem(p)),
+            Slot::Clean(r) => self.store.cached(r.id).map(PageView::Shared),
+            Slot::Patched(p) => self.store.cached(p.id).map(PageView::Shared),
+        }
+    }
+
     /// The lowest key of the page that holds `k` (the first page starts at
     /// the lowest key).
     fn page_of(&self, k: Key) -> Option<Key> {
@@ -699,7 +709,24 @@ impl PagedMap {
 
     /// Calls `f` on each entry with `from <= key < to`, in order, until it
     /// returns false.
-    pub fn scan(&self, from: Key, to: Key, mut f: impl FnMut(Key, Loc) -> bool) -> Result<()> {
+    pub fn scan(&self, from: Key, to: Key, f: impl FnMut(Key, Loc) -> bool) -> Result<()> {
+        self.scan_in(from, to, true, f).map(|_| ())
+    }
+
+    /// `scan`, but only while the pages it needs are in memory: false (after
+    /// calling `f` on some entries, or none) when one would have to be read
+    /// from the meta file.
+    pub fn scan_cached(&self, from: Key, to: Key, f: impl FnMut(Key, Loc) -> bool) -> Result<bool> {
+        self.scan_in(from, to, false, f)
+    }
+
+    fn scan_in(
+        &self,
+        from: Key,
+        to: Key,
+        load: bool,
+        mut f: impl FnMut(Key, Loc) -> bool,
+    ) -> Result<bool> {
         // The page that holds `from` (the first page starts at the lowest
         // key); most scans end inside it, so the directory is walked again
         // only when they run past its end.
@@ -709,27 +736,42 @@ impl PagedMap {
             .next_back()
             .or_else(|| self.dir.iter().next())
         else {
-            return Ok(());
+            return Ok(true);
         };
-        let mut visit = |slot: &Slot| -> Result<bool> {
-            let p = self.view(slot)?;
+        // Ok(None): a page is not in memory (and `load` is false).
+        let mut visit = |slot: &Slot| -> Result<Option<bool>> {
+            let p = if load {
+                self.view(slot)?
+            } else {
+                match self.view_cached(slot) {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            };
             let i = p.find(from).unwrap_or_else(|i| i);
             for &(b, t, l) in &p.entries[i..] {
                 if (b, t) >= to || !f((b, t), l) {
-                    return Ok(false);
+                    return Ok(Some(false));
                 }
             }
-            Ok(true)
+            Ok(Some(true))
         };
-        if !visit(slot)? {
-            return Ok(());
+        match visit(slot)? {
+            None => return Ok(false),
+            Some(false) => return Ok(true),
+            Some(true) => {}
         }
         for (lo, slot) in self.dir.range((Excluded(start), Unbounded)) {
-            if *lo >= to || !visit(slot)? {
+            if *lo >= to {
                 break;
             }
+            match visit(slot)? {
+                None => return Ok(false),
+                Some(false) => break,
+                Some(true) => {}
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     pub fn get(&self, k: Key) -> Result<Option<Loc>> {

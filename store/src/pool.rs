@@ -371,17 +371,24 @@ impl VolState {
     }
 
     /// Per block of [first, first+n), the location the view `limit` sees.
-    fn locate(&self, first: u64, locs: &mut [Loc], limit: u32) -> Result<()> {
+    /// With `load` false, only from map pages in memory: false when one
+    /// is not (and `locs` is then incomplete).
+    fn locate(&self, first: u64, locs: &mut [Loc], limit: u32, load: bool) -> Result<bool> {
         let n = locs.len();
         locs.fill(Loc::Hole);
-        self.map
-            .scan((first, 0), (first + n as u64, 0), |(b, t), l| {
-                if t <= limit {
-                    locs[(b - first) as usize] = l;
-                }
-                true
-            })?;
-        Ok(())
+        let (from, to) = ((first, 0), (first + n as u64, 0));
+        let f = |(b, t): (u64, u32), l| {
+            if t <= limit {
+                locs[(b - first) as usize] = l;
+            }
+            true
+        };
+        if load {
+            self.map.scan(from, to, f)?;
+            Ok(true)
+        } else {
+            self.map.scan_cached(from, to, f)
+        }
     }
 }
 
@@ -2840,12 +2847,25 @@ impl Volume {
         self.read_retrying(buf, offset, 2)
     }
 
+    /// `read_at` if it can be done without waiting: for the disk (data or
+    /// map pages not in memory), for a lock another thread holds, or to
+    /// read again after a checksum mismatch. `Ok(false)`: nothing was read
+    /// (`buf` holds nothing meaningful); call `read_at`. Lets an event loop
+    /// serve reads from memory itself and hand only the rest to threads
+    /// that may block. Errors are those `read_at` would give.
+    pub fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        match self.read_once(buf, offset, false) {
+            Err(e) if e.kind() == ErrorKind::Corruption => Ok(false),
+            r => r,
+        }
+    }
+
     /// `read_at`, reading again up to `retries` times after a checksum
     /// mismatch once in-place overwrites in progress are done.
     fn read_retrying(&self, buf: &mut [u8], offset: u64, retries: u32) -> Result<()> {
         let mut tries = 0;
         loop {
-            match self.read_once(buf, offset) {
+            match self.read_once(buf, offset, true) {
                 Err(e) if e.kind() == ErrorKind::Corruption && tries < retries => {
                     // Maybe a block overwritten in place while we read it:
                     // wait for overwrites in progress, then read again.
@@ -2858,17 +2878,26 @@ impl Volume {
                     }
                     return Err(e);
                 }
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
             }
         }
     }
 
-    fn read_once(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// One read; with `wait` false, `Ok(false)` where it would wait (see
+    /// [`Volume::read_at_cached`]). With `wait`, never `Ok(false)`.
+    fn read_once(&self, buf: &mut [u8], offset: u64, wait: bool) -> Result<bool> {
         if buf.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let first = offset / B;
-        let st = self.cell.st.read();
+        let st = if wait {
+            self.cell.st.read()
+        } else {
+            match self.cell.st.try_read() {
+                Some(st) => st,
+                None => return Ok(false),
+            }
+        };
         let (limit, size) = self.view_of(&st)?;
         self.check_range(offset, buf.len() as u64, size)?;
         let last = (offset + buf.len() as u64 - 1) / B;
@@ -2891,9 +2920,27 @@ impl Volume {
             big.resize(n, Loc::Hole);
             &mut big
         };
-        st.locate(first, locs, limit)?;
-        let _reading = self.inner.reuse.read();
+        if !st.locate(first, locs, limit, wait)? {
+            return Ok(false);
+        }
+        let _reading = if wait {
+            self.inner.reuse.read()
+        } else {
+            match self.inner.reuse.try_read() {
+                Some(g) => g,
+                None => return Ok(false),
+            }
+        };
         drop(st);
+        let data = &self.inner.data;
+        let read = |dst: &mut [u8], at: u64| -> Result<bool> {
+            let r = if wait {
+                data.read_at(dst, at).map(|()| true)
+            } else {
+                data.read_at_nowait(dst, at)
+            };
+            r.map_err(|e| Error::io(format!("{}: read failed", self.label()), e))
+        };
         let mut tmp: Vec<u8> = Vec::new();
         let mut i = 0;
         while i < locs.len() {
@@ -2925,10 +2972,9 @@ impl Volume {
                     }
                     let start = (bstart - offset) as usize;
                     let dst = &mut buf[start..start + n * BLOCK];
-                    self.inner
-                        .data
-                        .read_at(dst, slot * B)
-                        .map_err(|e| Error::io(format!("{}: read failed", self.label()), e))?;
+                    if !read(dst, slot * B)? {
+                        return Ok(false);
+                    }
                     for k in 0..n {
                         if let Loc::Data { crc, .. } = locs[i + k] {
                             self.check_crc(
@@ -2942,17 +2988,16 @@ impl Volume {
                 }
                 Loc::Data { slot, crc } => {
                     tmp.resize(BLOCK, 0);
-                    self.inner
-                        .data
-                        .read_at(&mut tmp, slot * B)
-                        .map_err(|e| Error::io(format!("{}: read failed", self.label()), e))?;
+                    if !read(&mut tmp, slot * B)? {
+                        return Ok(false);
+                    }
                     self.check_crc(&tmp, crc, bstart)?;
                     out.copy_from_slice(&tmp[(lo - bstart) as usize..(hi - bstart) as usize]);
                     i += 1;
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn check_crc(&self, data: &[u8], crc: u32, offset: u64) -> Result<()> {
