@@ -56,6 +56,14 @@ pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
+    /// `read_at`, but only if it needs no wait (for the disk or a lock):
+    /// `Ok(false)` when it would, and then `buf` holds nothing meaningful.
+    /// Called on the event loop, so reads from memory skip the hand-off to
+    /// a blocking thread; `false` always is correct, only slower.
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool, ExportError> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError>;
     fn write_zeroes(

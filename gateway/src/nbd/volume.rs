@@ -115,6 +115,10 @@ impl Export for VolumeExport {
         self.vol.read_at(buf, offset).map_err(export_error)
     }
 
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool, ExportError> {
+        self.vol.read_at_cached(buf, offset).map_err(export_error)
+    }
+
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
         self.vol.write_at(data, offset, fua).map_err(write_error)
     }
