@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One file of the medium. Positional I/O only, safe to share across threads.
@@ -84,13 +85,18 @@ impl DirMedium {
     }
 }
 
-struct OsFile(File);
+struct OsFile {
+    file: File,
+    /// `preadv2(RWF_NOWAIT)` answered that it cannot (old kernel, or a
+    /// filesystem without it, like tmpfs): `read_at_nowait` stops trying.
+    no_nowait: AtomicBool,
+}
 
 impl MediumFile for OsFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.0.read_at(&mut buf[done..], offset + done as u64) {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -103,11 +109,14 @@ impl MediumFile for OsFile {
         Ok(())
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(data, offset)
+        self.file.write_all_at(data, offset)
     }
     /// `preadv2` with `RWF_NOWAIT`: the kernel answers `EAGAIN` instead of
     /// waiting for the disk (or for a page locked by I/O in progress).
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -119,8 +128,8 @@ impl MediumFile for OsFile {
                 return Ok(false);
             };
             // SAFETY: one iovec over `rest`, which stays borrowed mutably
-            // for the call; the descriptor is owned by `self.0`.
-            let n = unsafe { libc::preadv2(self.0.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            // for the call; the descriptor is owned by `self.file`.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
             match n {
                 0 => {
                     rest.fill(0);
@@ -128,15 +137,16 @@ impl MediumFile for OsFile {
                 }
                 n if n > 0 => done += n as usize,
                 _ => {
-                    let e = io::Error::last_os_error();
-                    match e.raw_os_error() {
+                    match io::Error::last_os_error().raw_os_error() {
                         Some(libc::EINTR) => {}
-                        // Not all in memory; or a kernel or filesystem
-                        // without the flag: the caller reads the usual way.
-                        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
-                            return Ok(false)
+                        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                            self.no_nowait.store(true, Ordering::Relaxed);
+                            return Ok(false);
                         }
-                        _ => return Err(e),
+                        // Not all in memory (EAGAIN), or any other failure:
+                        // the caller reads the usual way, and an error that
+                        // counts comes from there.
+                        _ => return Ok(false),
                     }
                 }
             }
@@ -144,19 +154,19 @@ impl MediumFile for OsFile {
         Ok(true)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a valid open descriptor with plain integer arguments.
         let r = unsafe {
             libc::fallocate(
-                self.0.as_raw_fd(),
+                self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset as libc::off_t,
                 len as libc::off_t,
@@ -184,7 +194,10 @@ impl Medium for DirMedium {
             .create(create)
             .truncate(false)
             .open(self.dir.join(name))?;
-        Ok(Arc::new(OsFile(f)))
+        Ok(Arc::new(OsFile {
+            file: f,
+            no_nowait: AtomicBool::new(false),
+        }))
     }
     fn exists(&self, name: &str) -> bool {
         self.dir.join(name).exists()

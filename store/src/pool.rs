@@ -314,6 +314,13 @@ impl VolState {
         self.epoch = self.epoch.saturating_add(1);
     }
 
+    /// Whether blocks `first..=last` overlap a range of lost map entries.
+    fn touches_damaged(&self, first: u64, last: u64) -> bool {
+        self.damaged
+            .iter()
+            .any(|&(lo, hi, _)| lo <= last && first <= hi)
+    }
+
     /// The first block of `[first, first+n)` whose content the view `limit`
     /// cannot know because its metadata was lost.
     fn first_damaged(&self, first: u64, n: u64, limit: u32) -> Result<Option<u64>> {
@@ -409,6 +416,9 @@ struct Vols {
 /// appends overwrite allocated blocks inside the file's size and
 /// `fdatasync` has no file metadata to commit.
 const JOURNAL_CHUNK: u64 = 4 << 20;
+/// The journal's zeros are written this much at a time (see
+/// [`Journal::grow`]).
+const ZERO_PIECE: u64 = 64 << 10;
 
 struct Journal {
     file: Arc<dyn MediumFile>,
@@ -467,11 +477,21 @@ impl Journal {
         let end = self.pos + self.reserved + len;
         if end > self.prealloc {
             let to = end.div_ceil(self.chunk) * self.chunk;
-            let zeros = vec![0u8; (to - self.prealloc) as usize];
-            self.file
-                .write_at(&zeros, self.prealloc)
-                .map_err(|e| Error::io("cannot grow the metadata journal", e))?;
-            self.prealloc = to;
+            // In pieces of ZERO_PIECE: the page cache keeps the pages of
+            // one write together as a folio as large as the write (up to
+            // 2 MiB), and every later small append into a folio walks all
+            // of its blocks (measured on ext4: 5.4 µs per append into a
+            // file grown 4 MiB at a time, 0.44 µs at 64 KiB).
+            let zeros = vec![0u8; ZERO_PIECE.min(to - self.prealloc) as usize];
+            let mut at = self.prealloc;
+            while at < to {
+                let n = (to - at).min(ZERO_PIECE) as usize;
+                self.file
+                    .write_at(&zeros[..n], at)
+                    .map_err(|e| Error::io("cannot grow the metadata journal", e))?;
+                at += n as u64;
+                self.prealloc = at;
+            }
         }
         Ok(())
     }
@@ -2902,6 +2922,11 @@ impl Volume {
         self.check_range(offset, buf.len() as u64, size)?;
         let last = (offset + buf.len() as u64 - 1) / B;
         if !st.damaged.is_empty() {
+            // Telling which blocks of a damaged range were written since
+            // may read map pages: not without waiting.
+            if !wait && st.touches_damaged(first, last) {
+                return Ok(false);
+            }
             if let Some(b) = st.first_damaged(first, last - first + 1, limit)? {
                 return Err(Error::corrupt(format!(
                     "{}: block at offset {} is damaged (its map entry was lost with a damaged map page)",

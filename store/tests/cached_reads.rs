@@ -169,3 +169,143 @@ fn a_damaged_block_is_left_to_read_at_which_reports_it() {
     assert!(h.read_at_cached(&mut one, B).unwrap());
     assert!(one[..] == data[BLOCK..2 * BLOCK]);
 }
+
+#[test]
+fn a_read_over_blocks_lost_with_a_damaged_map_page_is_left_to_read_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PoolOptions {
+        map_page_entries: 16,
+        map_cache_bytes: 8 << 10,
+        ..PoolOptions::default()
+    };
+    let blocks = 2048u64;
+    {
+        let pool = Pool::open(dir.path(), opts.clone()).unwrap();
+        pool.create_volume("v", blocks * B).unwrap();
+        let h = pool.open_head("v").unwrap();
+        for b in 0..blocks {
+            h.write_at(&pat(b, BLOCK), b * B, false).unwrap();
+        }
+        h.flush().unwrap();
+    }
+    // Damage one map page slot in the middle of the meta file.
+    let meta = dir.path().join("meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let s = bytes.len() / 16384 / 2;
+    bytes[s * 16384..(s + 1) * 16384].fill(0x5a);
+    std::fs::write(&meta, &bytes).unwrap();
+
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    let h = pool.open_head("v").unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    let lost: Vec<u64> = (0..blocks)
+        .filter(|&b| h.read_at(&mut buf, b * B).is_err())
+        .collect();
+    assert!(!lost.is_empty());
+    // One lost block written again reads back through read_at; a read from
+    // memory there would have to look up the map (maybe from the disk) to
+    // tell it from the lost ones, so it declines, without reading a page.
+    let b0 = lost[0];
+    h.write_at(&pat(b0 + 7, BLOCK), b0 * B, false).unwrap();
+    for b in [b0, lost[1], *lost.last().unwrap()] {
+        let loads = pool.stats().map_page_loads;
+        assert!(!h.read_at_cached(&mut buf, b * B).unwrap());
+        assert_eq!(pool.stats().map_page_loads, loads, "block {b}");
+    }
+    h.read_at(&mut buf, b0 * B).unwrap();
+    assert!(buf == pat(b0 + 7, BLOCK));
+    assert_eq!(
+        h.read_at(&mut buf, lost[1] * B).unwrap_err().kind(),
+        ErrorKind::Corruption
+    );
+    // Away from the damage, reads from memory go on.
+    let far = if b0 > 100 { 0 } else { blocks - 1 };
+    h.read_at(&mut buf, far * B).unwrap();
+    assert!(h.read_at_cached(&mut buf, far * B).unwrap());
+    assert!(buf == pat(far, BLOCK));
+}
+
+/// Version `v` of block `b`: names both in its first 16 bytes.
+fn version(b: u64, v: u64) -> Vec<u8> {
+    let mut x = pat(b * 1_000_003 + v, BLOCK);
+    x[..8].copy_from_slice(&b.to_le_bytes());
+    x[8..16].copy_from_slice(&v.to_le_bytes());
+    x
+}
+
+#[test]
+fn reads_from_memory_beside_writers_see_whole_versions_only() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Arc::new(Pool::open(dir.path(), PoolOptions::default()).unwrap());
+    let nb = 64u64;
+    pool.create_volume("v", nb * B).unwrap();
+    let h = Arc::new(pool.open_head("v").unwrap());
+    for b in 0..nb {
+        h.write_at(&version(b, 0), b * B, false).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    // Overwrites (in place and redirect-on-write), flushes that make freed
+    // slots reusable, trims, snapshots made and deleted.
+    let writer = {
+        let (h, stop, pool) = (h.clone(), stop.clone(), pool.clone());
+        std::thread::spawn(move || {
+            let (mut v, mut x) = (1u64, 12345u64);
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x % nb;
+                let n = (1 + (x >> 20) % 4).min(nb - b);
+                match (x >> 40) % 16 {
+                    0 => h.flush().unwrap(),
+                    1 => h.trim(b * B, n * B, false).unwrap(),
+                    2 => {
+                        pool.create_snapshot("v", &format!("s{v}")).unwrap();
+                    }
+                    3 => {
+                        let _ = pool.delete_snapshot("v", &format!("s{}", v.saturating_sub(30)));
+                    }
+                    _ => {
+                        let data: Vec<u8> = (0..n).flat_map(|k| version(b + k, v)).collect();
+                        h.write_at(&data, b * B, false).unwrap();
+                    }
+                }
+                v += 1;
+            }
+        })
+    };
+    let reader = {
+        let (h, stop, served) = (h.clone(), stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let mut x = 999u64;
+            let mut buf = vec![0u8; 8 * BLOCK];
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x % nb;
+                let n = (1 + (x >> 20) % 8).min(nb - b) as usize;
+                if !h.read_at_cached(&mut buf[..n * BLOCK], b * B).unwrap() {
+                    continue;
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+                for (k, got) in buf[..n * BLOCK].chunks(BLOCK).enumerate() {
+                    let b = b + k as u64;
+                    let v = u64::from_le_bytes(got[8..16].try_into().unwrap());
+                    assert!(
+                        got.iter().all(|&x| x == 0) || got == version(b, v),
+                        "block {b}: not one whole version"
+                    );
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    reader.join().unwrap();
+    assert!(served.load(Ordering::Relaxed) > 1000);
+}
