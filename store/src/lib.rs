@@ -246,6 +246,13 @@
 //! Map pages are reached through the volume lock: readers holding it shared
 //! may load a page into the cache; changing a page needs it exclusive.
 //!
+//! `Volume::read_at_cached` (the NBD server's reads on its event loop) is
+//! `read_at` with try-locks only: it declines (`Ok(false)`, and the caller
+//! uses `read_at`) when the volume lock or `reuse` is contended, a map page
+//! is not in memory, the blocks overlap a damaged map range, the data is
+//! not all in the page cache (`preadv2(RWF_NOWAIT)`), or a checksum fails
+//! (so the retry after in-place overwrites stays with `read_at`).
+//!
 //! ## Memory
 //! Nothing grows with the virtual size. Per pool: the page cache and the
 //! changed pages (together `map_cache_bytes`, 64 MiB by default), the page
