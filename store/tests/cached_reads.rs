@@ -100,25 +100,32 @@ fn data_not_in_the_page_cache_is_left_to_read_at() {
     assert!(again == buf);
 }
 
+/// Options with map pages of 16 entries and room for very few of them.
+fn small_map() -> PoolOptions {
+    PoolOptions {
+        map_page_entries: 16,
+        map_cache_bytes: 8 << 10,
+        ..PoolOptions::default()
+    }
+}
+
+/// A pool in `dir` whose volume "v" has `blocks` blocks, each written
+/// (`pat(b)`) and flushed, then closed: many map pages.
+fn many_pages(dir: &std::path::Path, blocks: u64) {
+    let pool = Pool::open(dir, small_map()).unwrap();
+    pool.create_volume("v", blocks * B).unwrap();
+    let h = pool.open_head("v").unwrap();
+    for b in 0..blocks {
+        h.write_at(&pat(b, BLOCK), b * B, false).unwrap();
+    }
+    h.flush().unwrap();
+}
+
 #[test]
 fn a_map_page_not_in_memory_is_left_to_read_at() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = PoolOptions {
-        map_page_entries: 16,
-        // Room for very few pages of 16 entries.
-        map_cache_bytes: 8 << 10,
-        ..PoolOptions::default()
-    };
-    let blocks = 2048u64;
-    {
-        let pool = Pool::open(dir.path(), opts.clone()).unwrap();
-        pool.create_volume("v", blocks * B).unwrap();
-        let h = pool.open_head("v").unwrap();
-        for b in 0..blocks {
-            h.write_at(&pat(b, BLOCK), b * B, false).unwrap();
-        }
-        h.flush().unwrap();
-    }
+    let (opts, blocks) = (small_map(), 2048);
+    many_pages(dir.path(), blocks);
     let pool = Pool::open(dir.path(), opts).unwrap();
     let h = pool.open_head("v").unwrap();
     let mut buf = vec![0u8; BLOCK];
@@ -173,21 +180,8 @@ fn a_damaged_block_is_left_to_read_at_which_reports_it() {
 #[test]
 fn a_read_over_blocks_lost_with_a_damaged_map_page_is_left_to_read_at() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = PoolOptions {
-        map_page_entries: 16,
-        map_cache_bytes: 8 << 10,
-        ..PoolOptions::default()
-    };
-    let blocks = 2048u64;
-    {
-        let pool = Pool::open(dir.path(), opts.clone()).unwrap();
-        pool.create_volume("v", blocks * B).unwrap();
-        let h = pool.open_head("v").unwrap();
-        for b in 0..blocks {
-            h.write_at(&pat(b, BLOCK), b * B, false).unwrap();
-        }
-        h.flush().unwrap();
-    }
+    let (opts, blocks) = (small_map(), 2048);
+    many_pages(dir.path(), blocks);
     // Damage one map page slot in the middle of the meta file.
     let meta = dir.path().join("meta");
     let mut bytes = std::fs::read(&meta).unwrap();
