@@ -455,3 +455,84 @@ fn delete_under_an_open_connection() {
         .iter()
         .all(|&b| b == 0x99));
 }
+
+/// `VmHWM` or `VmRSS` of a process, in bytes.
+fn process_memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number of kB");
+    kb << 10
+}
+
+#[test]
+fn clients_that_never_read_their_replies_hold_bounded_memory() {
+    let gw = Gateway::start();
+    gw.create_volume("big", "64M");
+    gw.create_volume("b", "16M");
+    gw.qemu_io_ok("big", &["write -P 0x5a 0 64M"]);
+    let pid = gw.pid().expect("gateway pid");
+    let base = process_memory(pid, "VmRSS");
+    // Three clients each ask for 12 reads of 32 MiB (384 MiB) and read
+    // none of the replies: the gateway must not buffer them all.
+    const READ: u32 = 32 << 20;
+    const READS: u64 = 12;
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let mut c = RawNbd::connect(gw.nbd_addr(), "big").expect("raw connect");
+        for h in 0..READS {
+            c.stream
+                .write_all(&RawNbd::request(
+                    NBD_CMD_READ,
+                    h,
+                    (h % 2) * u64::from(READ),
+                    READ,
+                ))
+                .expect("send READ");
+        }
+        hogs.push(c);
+    }
+    // Until the gateway's memory stops growing (bounded wait).
+    let mut last = 0;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = process_memory(pid, "VmRSS");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let grown = process_memory(pid, "VmHWM").saturating_sub(base);
+    eprintln!("gateway memory grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 3 * (112 << 20),
+        "the gateway grew by {} MiB for 3 clients that do not read their replies",
+        grown >> 20
+    );
+    // Meanwhile other clients are served.
+    other_client_round(&gw, 1);
+    // Once the clients read, every reply is there (in any order) and right.
+    for c in &mut hogs {
+        let mut data = vec![0u8; READ as usize];
+        let mut handles = Vec::new();
+        for _ in 0..READS {
+            let (err, handle) = c.read_simple_reply().expect("reply");
+            assert_eq!(err, 0, "READ {handle} failed");
+            std::io::Read::read_exact(&mut c.stream, &mut data).expect("reply data");
+            assert!(
+                data.iter().all(|&b| b == 0x5a),
+                "READ {handle} returned wrong data"
+            );
+            handles.push(handle);
+        }
+        handles.sort_unstable();
+        assert_eq!(handles, (0..READS).collect::<Vec<_>>());
+    }
+    other_client_round(&gw, 2);
+}

@@ -73,8 +73,13 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// (longer ones always go to a blocking thread: copying them would hold up
 /// the other connections sharing the loop's thread).
 const INLINE_READ_MAX: u32 = 1 << 20;
-/// READ/WRITE payload bytes buffered per connection at once.
-const BUFFER_BUDGET: usize = 256 << 20;
+/// READ/WRITE payload bytes buffered per connection at once: two requests
+/// of the largest size, or 16 deep queues of 4 MiB ones, which is more than
+/// the clients here keep in flight (nbdcopy: 64 × 256 KiB; fio 1 MiB at
+/// depth 16). It bounds what a client that stops reading its replies makes
+/// the gateway hold: with the buffer pool's idle buffers, under 100 MiB a
+/// connection.
+const BUFFER_BUDGET: usize = 64 << 20;
 /// Connections served at once; further clients wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish their requests.
@@ -370,10 +375,11 @@ struct BufPool {
     free: parking_lot::Mutex<Vec<Vec<u8>>>,
 }
 
-/// Buffers kept per connection (one per request in flight suffices), and
-/// at most this many bytes of them.
+/// Buffers kept per connection (one per request in flight suffices), at
+/// most this many bytes of them, and none longer than `POOL_LONGEST`.
 const POOL_BUFFERS: usize = MAX_IN_FLIGHT;
-const POOL_BYTES: usize = 64 << 20;
+const POOL_BYTES: usize = 32 << 20;
+const POOL_LONGEST: usize = 4 << 20;
 
 impl BufPool {
     /// A buffer of exactly `len` bytes (contents unspecified).
@@ -389,7 +395,7 @@ impl BufPool {
     }
 
     fn give(&self, buf: Vec<u8>) {
-        if buf.len() < 4096 || buf.len() > POOL_BYTES / 16 {
+        if buf.len() < 4096 || buf.len() > POOL_LONGEST {
             return;
         }
         let mut free = self.free.lock();
