@@ -165,9 +165,10 @@
 //!   checkpoint capture their sequence number under `inplace` (exclusive),
 //!   so no in-place write straddles a capture; taking a snapshot waits for
 //!   in-place writes too, so no snapshot ever sees a slot change. A reader
-//!   that meets a checksum mismatch waits for in-place writes in progress
-//!   and reads again before calling it damage (except the read of a
-//!   partial-block write, whose stripe lock already keeps them off). An
+//!   that meets a checksum mismatch reads again holding `inplace`
+//!   exclusively (in-place writes meanwhile go elsewhere) before calling it
+//!   damage (except the read of a partial-block write, whose stripe lock
+//!   already keeps them off). An
 //!   in-place write that fails part-way makes every later flush fail: its
 //!   slot's unflushed record must never become durable. So it holds room
 //!   for its record in the journal (allocated zeros, `Journal::reserve`)

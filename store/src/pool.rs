@@ -2864,7 +2864,7 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset`. Every stored block is checked
     /// against its checksum; a mismatch is an error, never data.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_retrying(buf, offset, 2)
+        self.read_retrying(buf, offset, true)
     }
 
     /// `read_at` if it can be done without waiting: for the disk (data or
@@ -2880,26 +2880,30 @@ impl Volume {
         }
     }
 
-    /// `read_at`, reading again up to `retries` times after a checksum
-    /// mismatch once in-place overwrites in progress are done.
-    fn read_retrying(&self, buf: &mut [u8], offset: u64, retries: u32) -> Result<()> {
-        let mut tries = 0;
-        loop {
-            match self.read_once(buf, offset, true) {
-                Err(e) if e.kind() == ErrorKind::Corruption && tries < retries => {
-                    // Maybe a block overwritten in place while we read it:
-                    // wait for overwrites in progress, then read again.
-                    tries += 1;
-                    drop(self.inner.inplace.write());
-                }
-                Err(e) => {
-                    if e.kind() == ErrorKind::Corruption {
-                        tracing::error!(volume = %self.label(), offset, len = buf.len(), "{e}");
-                    }
-                    return Err(e);
-                }
-                Ok(_) => return Ok(()),
+    /// `read_at`; with `retry`, reads once more after a checksum mismatch,
+    /// with in-place overwrites held off.
+    fn read_retrying(&self, buf: &mut [u8], offset: u64, retry: bool) -> Result<()> {
+        let res = match self.read_once(buf, offset, true) {
+            Err(e) if e.kind() == ErrorKind::Corruption && retry => {
+                // Maybe a block overwritten in place while we read it (new
+                // bytes under the checksum we located first): read again
+                // with in-place overwrites held off (they write elsewhere
+                // meanwhile), so that a mismatch now is damage. Waiting
+                // only for the overwrites under way is not enough: under
+                // steady overwrites, a large read meets a new one each try.
+                let _no_inplace = self.inner.inplace.write();
+                self.read_once(buf, offset, true)
             }
+            r => r,
+        };
+        match res {
+            Err(e) => {
+                if e.kind() == ErrorKind::Corruption {
+                    tracing::error!(volume = %self.label(), offset, len = buf.len(), "{e}");
+                }
+                Err(e)
+            }
+            Ok(_) => Ok(()),
         }
     }
 
@@ -3115,7 +3119,7 @@ impl Volume {
             // take its stripe, which is held here. So a mismatch is damage,
             // with nothing to wait for (waiting for `inplace` here would
             // deadlock with an overwrite holding it and wanting this stripe).
-            self.read_retrying(&mut blk[..valid], b * B, 0)?;
+            self.read_retrying(&mut blk[..valid], b * B, false)?;
         }
         match data {
             Some(d) => blk[at..at + d.len()].copy_from_slice(d),

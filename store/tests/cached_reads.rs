@@ -303,3 +303,65 @@ fn reads_from_memory_beside_writers_see_whole_versions_only() {
     reader.join().unwrap();
     assert!(served.load(Ordering::Relaxed) > 1000);
 }
+
+#[test]
+fn large_reads_beside_in_place_overwrites_never_fail() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
+    let nb = 256u64;
+    pool.create_volume("v", 16 << 20).unwrap();
+    let h = Arc::new(pool.open_head("v").unwrap());
+    for b in 0..nb {
+        h.write_at(&version(b, 0), b * B, false).unwrap();
+    }
+    // No flush from here on: every overwrite is in place, so a read that
+    // located a block just before it may find its new bytes under the old
+    // checksum and must read again rather than fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (h, stop) = (h.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut v, mut x) = (1u64, 7u64);
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x % nb;
+                h.write_at(&version(b, v), b * B, false).unwrap();
+                v += 1;
+            }
+        })
+    };
+    let reads = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (h, stop, reads) = (h.clone(), stop.clone(), reads.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; nb as usize * BLOCK];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = h.read_at(&mut buf, 0) {
+                        stop.store(true, Ordering::Relaxed);
+                        panic!("a read beside overwrites failed: {e}");
+                    }
+                    for (b, got) in buf.chunks(BLOCK).enumerate() {
+                        let v = u64::from_le_bytes(got[8..16].try_into().unwrap());
+                        assert!(
+                            got == version(b as u64, v),
+                            "block {b}: not one whole version"
+                        );
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(reads.load(Ordering::Relaxed) > 100);
+}
