@@ -222,33 +222,119 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| anyhow!("cannot start the signal handler: {e}"))?;
-    let outside = rt
+    let end = rt
         .block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
             loop {
                 tokio::select! {
-                    _ = term.recv() => return Ok::<bool, std::io::Error>(false),
-                    _ = int.recv() => return Ok(false),
+                    _ = term.recv() => return Ok::<MountEnd, std::io::Error>(MountEnd::Signal),
+                    _ = int.recv() => return Ok(MountEnd::Signal),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 // Unmounted from outside, or the gateway went away?
                 let mounts: Result<Vec<MountView>> = client.get("/v1/mounts");
                 match mounts {
                     Ok(m) if m.iter().any(|m| m.dir == view.dir && m.alive) => {}
-                    _ => return Ok(true),
+                    Ok(_) => return Ok(MountEnd::Outside),
+                    // No answer: a busy gateway still serves the view; a
+                    // gone one left a dead mount (ENOTCONN) or none.
+                    Err(e) => match mount_state(&abs) {
+                        MountState::Alive => {}
+                        MountState::Dead => return Ok(MountEnd::GatewayGone(e, true)),
+                        MountState::Gone => return Ok(MountEnd::GatewayGone(e, false)),
+                    },
                 }
             }
         })
         .map_err(|e| anyhow!("cannot wait for signals: {e}"))?;
-    if outside {
-        eprintln!("snapgate: the view on {} was unmounted", view.dir);
-        return Ok(ExitCode::SUCCESS);
+    match end {
+        MountEnd::Outside => {
+            eprintln!("snapgate: the view on {} was unmounted", view.dir);
+            Ok(ExitCode::SUCCESS)
+        }
+        MountEnd::Signal => {
+            client.delete(&format!("/v1/mounts?dir={}", encode(&view.dir)))?;
+            eprintln!("snapgate: unmounted {}", view.dir);
+            Ok(ExitCode::SUCCESS)
+        }
+        MountEnd::GatewayGone(e, dead) => {
+            let left = if !dead {
+                String::new()
+            } else if let Err(why) = detach(&abs) {
+                format!(
+                    "; its dead mount is still there ({why}): run `fusermount3 -u {}`",
+                    view.dir
+                )
+            } else {
+                "; its dead mount was cleared".to_owned()
+            };
+            bail!(
+                "the gateway stopped answering ({e:#}), so the view on {} is gone{left}",
+                view.dir
+            )
+        }
     }
-    client.delete(&format!("/v1/mounts?dir={}", encode(&view.dir)))?;
-    eprintln!("snapgate: unmounted {}", view.dir);
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Why `snapgate mount` stops waiting.
+enum MountEnd {
+    /// Ctrl-C or SIGTERM: unmount.
+    Signal,
+    /// Unmounted from outside (`fusermount3 -u`).
+    Outside,
+    /// The admin endpoint does not answer and the view no longer does
+    /// either; `true` when a dead mount is left on the directory.
+    GatewayGone(anyhow::Error, bool),
+}
+
+enum MountState {
+    /// Still mounted and answering.
+    Alive,
+    /// Mounted, but the process that served it is gone (ENOTCONN).
+    Dead,
+    /// Not a mount point any more.
+    Gone,
+}
+
+/// What is on the view's directory now.
+fn mount_state(dir: &Path) -> MountState {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(dir) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => MountState::Dead,
+        Err(_) => MountState::Gone,
+        Ok(m) => {
+            let parent = dir.parent().and_then(|p| std::fs::metadata(p).ok());
+            match parent {
+                Some(p) if p.dev() == m.dev() => MountState::Gone,
+                _ => MountState::Alive,
+            }
+        }
+    }
+}
+
+/// Detaches a dead FUSE mount: `umount2(MNT_DETACH)` as root, else
+/// `fusermount3 -u -z` (which unprivileged users may run on their mounts).
+fn detach(dir: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let first = std::io::Error::last_os_error();
+    match std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => Err(format!("umount: {first}; fusermount3 -u -z: {st}")),
+        Err(e) => Err(format!("umount: {first}; fusermount3: {e}")),
+    }
 }
 
 // ---------------------------------------------------------------- serve

@@ -246,9 +246,11 @@ fn mount_ends_on_signals() {
     }
 }
 
-/// A gateway killed with its view mounted leaves a dead mount behind
-/// ("Transport endpoint is not connected"); after a restart, `snapgate
-/// mount` on the same directory clears it and serves the view again.
+/// A gateway killed under a running `snapgate mount` leaves a dead mount
+/// ("Transport endpoint is not connected"): the mount command clears it and
+/// fails with a line saying why. With the mount command killed too, the dead
+/// mount stays; after a restart, `snapgate mount` on the same directory
+/// clears it and serves the view again.
 #[test]
 fn mount_again_after_a_gateway_crash() {
     if !require_tool("fusermount3") || !fuse_available() {
@@ -277,11 +279,41 @@ fn mount_again_after_a_gateway_crash() {
         "view never appeared"
     );
     gw.kill9();
-    // The mount client notices its gateway is gone, or is stopped here.
-    if let Some(mut c) = first.child.take() {
+    let mut child = first.child.take().expect("child");
+    let st = wait_timeout(&mut child, Duration::from_secs(20))
+        .expect("snapgate mount still running 20 s after its gateway died");
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert!(!st.success(), "snapgate mount exited with {st}: {err}");
+    assert!(
+        err.contains("the gateway stopped answering") && err.contains("dead mount was cleared"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let m = std::fs::metadata(&mnt).expect("the mount point is a directory again");
+    assert!(m.is_dir());
+    assert!(!img.exists());
+
+    // The same with the mount command gone first: the dead mount stays.
+    gw.restart();
+    let mut second = MountGuard {
+        dir: mnt.clone(),
+        child: Some(spawn(&gw)),
+    };
+    assert!(
+        wait_for(&img, Duration::from_secs(30)),
+        "view never appeared"
+    );
+    if let Some(mut c) = second.child.take() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    gw.kill9();
     // Once the cached attributes of the mount point expire (1 s), the dead
     // mount answers ENOTCONN.
     let deadline = Instant::now() + Duration::from_secs(10);
