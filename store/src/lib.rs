@@ -414,6 +414,12 @@ pub struct SnapshotInfo {
     pub created_ms: u64,
 }
 
+/// One snapshot of a volume, as it was chosen: a name may later stand for
+/// another snapshot (deleted, then taken again under the same name), this
+/// never does. From [`Volume::older_point_ids`] or [`Volume::point_id`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PointId(pub(crate) u32);
+
 /// Kind of an allocation extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {

@@ -7,8 +7,8 @@ use crate::format::{self, decode_frame, Decoded, Record, UpdateItem};
 use crate::medium::{DirMedium, Medium, MediumFile};
 use crate::pages::{Key, PageStore, PagedMap, PAGE_BYTES};
 use crate::{
-    Damage, Diff, Extent, ExtentKind, Loc, PoolOptions, SnapshotInfo, VerifyReport, Version,
-    VolumeInfo, VolumeOptions, BLOCK,
+    Damage, Diff, Extent, ExtentKind, Loc, PointId, PoolOptions, SnapshotInfo, VerifyReport,
+    Version, VolumeInfo, VolumeOptions, BLOCK,
 };
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
@@ -2726,6 +2726,12 @@ impl Volume {
     /// Names of the snapshots older than this view, oldest first: the points
     /// a change bitmap can be asked against.
     pub fn older_points(&self) -> Vec<String> {
+        self.older_point_ids().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// `older_points`, each with the identity of the snapshot the name
+    /// stands for now (see [`PointId`]).
+    pub fn older_point_ids(&self) -> Vec<(String, PointId)> {
         let st = self.cell.st.read();
         if !st.cbt.enabled() {
             return Vec::new();
@@ -2736,19 +2742,48 @@ impl Volume {
         };
         st.snaps
             .range(..limit)
-            .map(|(_, s)| s.name.clone())
+            .map(|(&e, s)| (s.name.clone(), PointId(e)))
             .collect()
+    }
+
+    /// The snapshot `point` names now.
+    pub fn point_id(&self, point: &str) -> Result<PointId> {
+        let st = self.cell.st.read();
+        st.snap_by_name(point)
+            .map(PointId)
+            .ok_or_else(|| not_found_snap(&self.cell.name, point))
     }
 
     /// Byte ranges of `[offset, offset+len)` (clipped to the size) written,
     /// trimmed or zeroed after snapshot `point` and up to this view, at the
     /// volume's tracking granularity.
     pub fn changed_since(&self, point: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let id = self.point_id(point)?;
+        self.changed_since_id(point, id, offset, len)
+    }
+
+    /// `changed_since` the snapshot `id` (named `point`, for messages):
+    /// fails once that snapshot is deleted, even if another one has taken
+    /// its name since.
+    pub fn changed_since_id(
+        &self,
+        point: &str,
+        id: PointId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         let st = self.cell.st.read();
         let (limit, size) = self.view_of(&st)?;
-        let a = st
-            .snap_by_name(point)
-            .ok_or_else(|| not_found_snap(&self.cell.name, point))?;
+        let a = id.0;
+        if !st.snaps.contains_key(&a) {
+            return Err(Error::new(
+                ErrorKind::Deleted,
+                format!(
+                    "snapshot {point:?} of volume {:?} was deleted (a snapshot taken under that name since is another one)",
+                    self.cell.name
+                ),
+            ));
+        }
         if a >= limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,

@@ -177,6 +177,71 @@ print("ALL OK")
     assert!(out.contains("ALL OK"), "{out}");
 }
 
+/// A connection's `qemu:dirty-bitmap:a` stands for the snapshot `a` it
+/// started with: once that is deleted and another taken under the name,
+/// the context fails on that connection rather than quietly comparing with
+/// the new one (which would report the older changes clean); a new
+/// connection compares with the new `a`.
+#[test]
+fn a_dirty_bitmap_context_keeps_its_snapshot() {
+    if !require_python_nbd() {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "a");
+    let script = format!(
+        r#"
+import nbd, subprocess, sys
+
+def connect():
+    h = nbd.NBD()
+    h.add_meta_context("qemu:dirty-bitmap:a")
+    h.connect_uri("{uri}")
+    return h
+
+def dirty(h):
+    seen = []
+    h.block_status(1 << 20, 0, lambda meta, off, entries, err: seen.extend(entries) or 0)
+    runs, pos = [], 0
+    for i in range(0, len(seen), 2):
+        if seen[i + 1] & 1:
+            runs.append((pos, seen[i]))
+        pos += seen[i]
+    return runs
+
+def cli(*args):
+    subprocess.run(["{bin}", "--admin", "{admin}", *args], check=True, stdout=subprocess.DEVNULL)
+
+h = connect()
+h.pwrite(b"x" * 65536, 0)
+h.flush()
+assert dirty(h) == [(0, 65536)], dirty(h)
+cli("snapshot", "delete", "v", "a")
+cli("snapshot", "create", "v", "a")
+h.pwrite(b"y" * 65536, 65536)
+try:
+    got = dirty(h)
+    sys.exit("the old connection's context now compares with the new snapshot: %r" % got)
+except nbd.Error:
+    pass
+fresh = connect()
+assert dirty(fresh) == [(65536, 65536)], dirty(fresh)
+print("ALL OK")
+"#,
+        uri = gw.nbd_uri("v"),
+        bin = snapgate_bin().display(),
+        admin = gw.admin(),
+    );
+    let out = run(Command::new(SYS_PYTHON).args(["-c", &script]));
+    assert!(out.contains("ALL OK"), "{out}");
+    assert!(
+        gw.log()
+            .contains("a snapshot taken under that name since is another one"),
+        "the gateway did not say why the context failed"
+    );
+}
+
 /// `qemu-img map` through QEMU's `x-dirty-bitmap` hack reads the same
 /// bitmap: QEMU reports dirty blocks as "data": false (absent), clean ones as
 /// data. Exactly the 64 KiB blocks written after the point are absent.

@@ -74,6 +74,7 @@ impl ExportSource for ProviderSource {
         match self.0.open(name) {
             Ok(vol) => Ok(Arc::new(VolumeExport {
                 name: name.to_owned(),
+                points: parking_lot::Mutex::new(vol.older_point_ids().into_iter().collect()),
                 vol,
             })),
             Err(e) => Err(open_error(&e)),
@@ -86,6 +87,11 @@ struct VolumeExport {
     /// The export name the client used (`vol` or `vol@snap`).
     name: String,
     vol: store::Volume,
+    /// The snapshot each `qemu:dirty-bitmap:NAME` stands for on this
+    /// connection: those of its start, and others as first asked for. A
+    /// snapshot deleted and taken again under its name is another one, so
+    /// the context fails then instead of quietly comparing with it.
+    points: parking_lot::Mutex<std::collections::HashMap<String, store::PointId>>,
 }
 
 /// CACHE reads the range in pieces this large.
@@ -218,9 +224,17 @@ impl VolumeExport {
         if end <= offset {
             return Ok(Vec::new());
         }
+        let known = self.points.lock().get(point).copied();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let id = self.vol.point_id(point).map_err(export_error)?;
+                *self.points.lock().entry(point.to_owned()).or_insert(id)
+            }
+        };
         let dirty = self
             .vol
-            .changed_since(point, offset, end - offset)
+            .changed_since_id(point, id, offset, end - offset)
             .map_err(export_error)?;
         let mut out = Vec::with_capacity(dirty.len() * 2 + 1);
         let mut pos = offset;
