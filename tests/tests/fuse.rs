@@ -30,6 +30,16 @@ impl Drop for MountGuard {
     }
 }
 
+/// What an exited child wrote to its (piped) stderr.
+fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
 fn fuse_available() -> bool {
     if Path::new("/dev/fuse").exists() {
         return true;
@@ -282,13 +292,7 @@ fn mount_again_after_a_gateway_crash() {
     let mut child = first.child.take().expect("child");
     let st = wait_timeout(&mut child, Duration::from_secs(20))
         .expect("snapgate mount still running 20 s after its gateway died");
-    let mut err = String::new();
-    use std::io::Read;
-    let _ = child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err);
+    let err = stderr_of(&mut child);
     assert!(!st.success(), "snapgate mount exited with {st}: {err}");
     assert!(
         err.contains("the gateway stopped answering") && err.contains("dead mount was cleared"),
@@ -330,14 +334,7 @@ fn mount_again_after_a_gateway_crash() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !img.exists() && Instant::now() < deadline {
         if let Some(st) = child.try_wait().expect("try_wait") {
-            let mut err = String::new();
-            use std::io::Read;
-            let _ = child
-                .stderr
-                .take()
-                .expect("stderr")
-                .read_to_string(&mut err);
-            panic!("snapgate mount exited with {st}: {err}");
+            panic!("snapgate mount exited with {st}: {}", stderr_of(&mut child));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
