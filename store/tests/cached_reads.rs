@@ -8,16 +8,17 @@ use store::{ErrorKind, Pool, PoolOptions, BLOCK};
 
 const B: u64 = BLOCK as u64;
 
+/// One xorshift64 step: the next pseudo-random number after `x`.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 fn pat(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    (0..len).map(|_| next(&mut x) as u8).collect()
 }
 
 /// Writes back and evicts the data file's pages from the page cache.
@@ -248,9 +249,7 @@ fn reads_from_memory_beside_writers_see_whole_versions_only() {
         std::thread::spawn(move || {
             let (mut v, mut x) = (1u64, 12345u64);
             while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                next(&mut x);
                 let b = x % nb;
                 let n = (1 + (x >> 20) % 4).min(nb - b);
                 match (x >> 40) % 16 {
@@ -277,9 +276,7 @@ fn reads_from_memory_beside_writers_see_whole_versions_only() {
             let mut x = 999u64;
             let mut buf = vec![0u8; 8 * BLOCK];
             while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                next(&mut x);
                 let b = x % nb;
                 let n = (1 + (x >> 20) % 8).min(nb - b) as usize;
                 if !h.read_at_cached(&mut buf[..n * BLOCK], b * B).unwrap() {
@@ -325,9 +322,7 @@ fn large_reads_beside_in_place_overwrites_never_fail() {
         std::thread::spawn(move || {
             let (mut v, mut x) = (1u64, 7u64);
             while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                next(&mut x);
                 let b = x % nb;
                 h.write_at(&version(b, v), b * B, false).unwrap();
                 v += 1;
