@@ -15,7 +15,7 @@
 //! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 204 |
 //! | GET | `/v1/volumes/{name}/diff?from=A[&to=B]` | | `Diff`: changed extents after point A, up to point B or the head |
 //! | GET | `/v1/mounts` | | `[Mount]` |
-//! | POST | `/v1/mounts` | `{dir}` (absolute) | 201 `Mount`: the FUSE view, served by this gateway |
+//! | POST | `/v1/mounts` | `{dir, holder?}` (dir absolute) | 201 `Mount`: the FUSE view, served by this gateway; 409 when `dir` already shows one |
 //! | DELETE | `/v1/mounts?dir=DIR` | | 204 |
 //! | GET | `/metrics` | | Prometheus text |
 //!
@@ -23,6 +23,13 @@
 //! `/` as `%2F`). Every error is `{"error": "<one line>"}` with the status
 //! chosen by [`http_status`]. Store calls block, so each runs on tokio's
 //! blocking pool, never on the async workers that also carry NBD traffic.
+//!
+//! A view made with a `holder` (the pid of a process on this machine;
+//! `snapgate mount` sends its own) lives as long as that process: the gateway
+//! holds a pidfd of it (so a reused pid is never mistaken for it), and
+//! unmounts the view when the process ends, `kill -9` included. A view made
+//! without one lives until `DELETE /v1/mounts`, an outside unmount or the
+//! gateway's end.
 
 use crate::error::{Error, Result};
 use crate::fuse::{self, FuseView, MountError};
@@ -143,16 +150,57 @@ pub struct MountView {
     pub dir: String,
     pub site: String,
     pub alive: bool,
+    /// The pid of the process the view lives with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MountRequest {
     pub dir: String,
+    /// Unmount the view when the process with this pid ends.
+    #[serde(default)]
+    pub holder: Option<u32>,
+}
+
+/// A FUSE view this gateway serves.
+pub struct Mount {
+    view: FuseView,
+    holder: Option<u32>,
+    /// Tells this mount from a later one on the same directory.
+    id: u64,
+    /// The task waiting for the holder's end; stopped when the mount is
+    /// dropped first.
+    watch: Option<Watch>,
+}
+
+impl Mount {
+    /// Unmounts the view and stops watching its holder.
+    pub fn unmount(self) -> std::result::Result<(), MountError> {
+        self.view.unmount()
+    }
+}
+
+/// Aborts the holder-watching task on drop, unless disarmed.
+struct Watch(Option<tokio::task::AbortHandle>);
+
+impl Watch {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// The FUSE views this gateway serves, by canonical directory. Dropping a
-/// view unmounts it.
-pub type Mounts = Arc<Mutex<BTreeMap<PathBuf, FuseView>>>;
+/// mount unmounts its view.
+pub type Mounts = Arc<Mutex<BTreeMap<PathBuf, Mount>>>;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResizeVolume {
@@ -230,7 +278,7 @@ pub fn http_status(err: &Error) -> StatusCode {
             | MountError::NotADirectory(_)
             | MountError::NotEmpty(_)
             | MountError::InvalidSite(_) => StatusCode::BAD_REQUEST,
-            MountError::AlreadyMounted(_) => StatusCode::CONFLICT,
+            MountError::AlreadyMounted { .. } => StatusCode::CONFLICT,
             MountError::NoFuseDevice => StatusCode::SERVICE_UNAVAILABLE,
             MountError::Stale { .. }
             | MountError::Dir { .. }
@@ -403,11 +451,12 @@ async fn diff(
     }))
 }
 
-fn mount_view(site: &str, v: &FuseView) -> MountView {
+fn mount_view(site: &str, m: &Mount) -> MountView {
     MountView {
-        dir: v.dir().display().to_string(),
+        dir: m.view.dir().display().to_string(),
         site: site.to_owned(),
-        alive: v.is_alive(),
+        alive: m.view.is_alive(),
+        holder: m.holder,
     }
 }
 
@@ -427,9 +476,79 @@ fn mount_dir(dir: &str) -> Result<PathBuf> {
 async fn list_mounts(State(st): State<AdminState>) -> Json<Vec<MountView>> {
     let mut mounts = st.mounts.lock();
     // Views unmounted from outside (fusermount3 -u) are forgotten.
-    mounts.retain(|_, v| v.is_alive());
-    Json(mounts.values().map(|v| mount_view(&st.site, v)).collect())
+    mounts.retain(|_, m| m.view.is_alive());
+    Json(mounts.values().map(|m| mount_view(&st.site, m)).collect())
 }
+
+/// A pidfd of process `pid`: it stays bound to that process (a pid reused
+/// later is another process) and turns readable when the process ends.
+fn pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+}
+
+/// Returns when the process behind `fd` has ended.
+async fn ended(fd: std::os::fd::OwnedFd, pid: u32) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the OwnedFd is open and moves into the AsyncFd, which closes
+    // it only when dropped; it always returns that same descriptor.
+    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            tracing::warn!(
+                pid,
+                "cannot watch a mount's holder ({e}); its view stays until unmounted"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Unmounts the view on `dir` once its holder (`fd`, `pid`) has ended,
+/// unless mount `id` is gone by then.
+async fn unmount_when_ended(
+    mounts: Mounts,
+    dir: PathBuf,
+    id: u64,
+    pid: u32,
+    fd: std::os::fd::OwnedFd,
+) {
+    ended(fd, pid).await;
+    let gone = {
+        let mut m = mounts.lock();
+        match m.get(&dir) {
+            Some(x) if x.id == id => m.remove(&dir),
+            _ => None,
+        }
+    };
+    let Some(Mount { view, watch, .. }) = gone else {
+        return;
+    };
+    // This task is the watch: dropping its handle armed would abort it.
+    if let Some(w) = watch {
+        w.disarm();
+    }
+    tracing::info!(dir = %dir.display(), pid, "the process holding the FUSE view ended: unmounting it");
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = view.unmount() {
+            tracing::warn!(dir = %dir.display(), "{e}");
+        }
+    })
+    .await;
+}
+
+static NEXT_MOUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 async fn create_mount(
     State(st): State<AdminState>,
@@ -437,21 +556,80 @@ async fn create_mount(
 ) -> Result<(StatusCode, Json<MountView>)> {
     let req = body(parsed)?;
     let dir = mount_dir(&req.dir)?;
-    let view = blocking(move || {
-        // A view left behind by a `snapgate mount` that was killed is
-        // replaced, as is one someone unmounted from outside.
-        let old = st.mounts.lock().remove(&dir);
+    let holder = match req.holder {
+        None => None,
+        Some(pid) => match pidfd(pid) {
+            Ok(fd) => Some((pid, Some(fd))),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                tracing::warn!(pid, "this kernel has no pidfd_open: the view stays until unmounted");
+                Some((pid, None))
+            }
+            Err(e) => {
+                return Err(Error::Invalid(format!(
+                    "holder {pid} is not a running process on this machine ({e}); send the pid of the process the view lives with, or no holder"
+                )))
+            }
+        },
+    };
+    let id = NEXT_MOUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (pid, fd) = match holder {
+        Some((pid, fd)) => (Some(pid), fd),
+        None => (None, None),
+    };
+    let mounts = Arc::clone(&st.mounts);
+    let (answer, key) = blocking(move || {
+        // A view unmounted from outside is replaced; a live one is refused:
+        // it ends with its holder, its DELETE or an outside unmount.
+        let old = {
+            let mut m = st.mounts.lock();
+            if let Some(old) = m.get(&dir).filter(|old| old.view.is_alive()) {
+                let by = match old.holder {
+                    Some(pid) => format!(
+                        "served by this gateway for process {pid}, a running `snapgate mount`"
+                    ),
+                    None => "served by this gateway, mounted through the admin API".to_owned(),
+                };
+                return Err(MountError::AlreadyMounted {
+                    dir: dir.clone(),
+                    by,
+                }
+                .into());
+            }
+            m.remove(&dir)
+        };
         if let Some(old) = old {
             old.unmount()?;
         }
         let view = fuse::mount(Arc::clone(&st.pool), st.site.clone(), &dir)?;
-        let answer = mount_view(&st.site, &view);
-        tracing::info!(dir = %answer.dir, "FUSE view mounted");
-        st.mounts.lock().insert(view.dir().to_path_buf(), view);
-        Ok(answer)
+        let mount = Mount {
+            view,
+            holder: pid,
+            id,
+            watch: None,
+        };
+        let answer = mount_view(&st.site, &mount);
+        tracing::info!(dir = %answer.dir, holder = ?pid, "FUSE view mounted");
+        let key = mount.view.dir().to_path_buf();
+        st.mounts.lock().insert(key.clone(), mount);
+        Ok((answer, key))
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    if let (Some(pid), Some(fd)) = (pid, fd) {
+        let task = tokio::spawn(unmount_when_ended(
+            Arc::clone(&mounts),
+            key.clone(),
+            id,
+            pid,
+            fd,
+        ));
+        let mut m = mounts.lock();
+        match m.get_mut(&key) {
+            Some(x) if x.id == id => x.watch = Some(Watch(Some(task.abort_handle()))),
+            // Already gone (its holder ended, or a DELETE came first).
+            _ => task.abort(),
+        }
+    }
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -464,10 +642,10 @@ async fn delete_mount(
     Query(q): Query<MountQuery>,
 ) -> Result<StatusCode> {
     let dir = mount_dir(&q.dir)?;
-    let view = st.mounts.lock().remove(&dir);
-    match view {
-        Some(v) => {
-            blocking(move || Ok(v.unmount()?)).await?;
+    let mount = st.mounts.lock().remove(&dir);
+    match mount {
+        Some(m) => {
+            blocking(move || Ok(m.unmount()?)).await?;
             tracing::info!(dir = %dir.display(), "FUSE view unmounted");
             Ok(StatusCode::NO_CONTENT)
         }
@@ -858,6 +1036,17 @@ mod tests {
             .post("/v1/volumes", json!({"name": "a@b", "size": 4096}))
             .await;
         assert_eq!(bad_name.status, 400, "{}", bad_name.text);
+
+        // A mount's holder must be a running process (checked before the
+        // directory is touched).
+        let dir = api._dir.path().display().to_string();
+        for holder in [json!(0), json!(i32::MAX), json!(u32::MAX), json!("me")] {
+            let answer = api
+                .post("/v1/mounts", json!({"dir": dir, "holder": holder}))
+                .await;
+            assert_eq!(answer.status, 400, "holder {holder}: {}", answer.text);
+            assert!(!answer.error().is_empty());
+        }
 
         let nowhere = api.get("/v2/nothing").await;
         assert_eq!(nowhere.status, 404);

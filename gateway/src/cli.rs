@@ -210,7 +210,12 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
     }
     let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
     let dir_text = abs.display().to_string();
-    let view: MountView = client.post("/v1/mounts", &serde_json::json!({ "dir": dir_text }))?;
+    // The view lives as long as this process: the gateway unmounts it when
+    // we end, however we end.
+    let view: MountView = client.post(
+        "/v1/mounts",
+        &serde_json::json!({ "dir": dir_text, "holder": std::process::id() }),
+    )?;
     out.show(&view, || {
         println!(
             "mounted the snapshot view on {} ({}/<volume>/<point>.img); Ctrl-C or `fusermount3 -u {}` to unmount",

@@ -89,8 +89,8 @@ pub enum MountError {
     NotEmpty(PathBuf),
     #[error("/dev/fuse is missing: load the fuse module (modprobe fuse) or pass the device into the container")]
     NoFuseDevice,
-    #[error("{} is already a snapgate FUSE view of this gateway", .0.display())]
-    AlreadyMounted(PathBuf),
+    #[error("{} already shows a snapgate view ({by}): unmount it first (`fusermount3 -u {}`)", dir.display(), dir.display())]
+    AlreadyMounted { dir: PathBuf, by: String },
     #[error("invalid site name {0:?}: it must be one non-empty path component")]
     InvalidSite(String),
     #[error("cannot clear the stale FUSE mount on {}: {reason}", dir.display())]
@@ -163,7 +163,10 @@ pub fn mount(pool: Arc<store::Pool>, site: String, dir: &Path) -> Result<FuseVie
             .iter()
             .any(|(d, a)| *d == dir && a.load(Ordering::SeqCst))
         {
-            return Err(MountError::AlreadyMounted(dir));
+            return Err(MountError::AlreadyMounted {
+                dir,
+                by: "served by this gateway".into(),
+            });
         }
         live.retain(|(d, _)| *d != dir);
         live.push((dir.clone(), alive.clone()));
@@ -469,8 +472,8 @@ fn probe(dir: &Path) -> Result<bool, io::Error> {
 
 /// Checks that `dir` can take the view: an existing, empty directory, and
 /// `/dev/fuse` present. A dead FUSE mount on `dir` ("Transport endpoint is
-/// not connected", left by a crashed server) and a snapgate view not served
-/// by this process are unmounted first.
+/// not connected", left by a crashed server) is unmounted first; a snapgate
+/// view that still answers is refused, whoever serves it.
 pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
     let abs = absolute(dir)?;
     for _ in 0..8 {
@@ -483,21 +486,31 @@ pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
         }
         let ours = m.source == FSNAME;
         if ours && served_here(&abs) {
-            return Err(MountError::AlreadyMounted(abs));
+            return Err(MountError::AlreadyMounted {
+                dir: abs,
+                by: "served by this gateway".into(),
+            });
         }
         let live = probe(&abs).map_err(|source| MountError::Dir {
             dir: abs.clone(),
             source,
         })?;
-        if live && !ours {
+        if live && ours {
+            // Another gateway's view, still answering: it ends with its
+            // `snapgate mount` or its gateway; never taken from under it.
+            return Err(MountError::AlreadyMounted {
+                dir: abs,
+                by: "served by another snapgate process".into(),
+            });
+        }
+        if live {
             break; // someone else's working FUSE mount: judged below
         }
         tracing::warn!(
             dir = %abs.display(),
             fstype = %m.fstype,
             source = %m.source,
-            "clearing a {} FUSE mount",
-            if live { "leftover snapgate" } else { "stale" }
+            "clearing a stale FUSE mount"
         );
         detach(&abs).map_err(|reason| MountError::Stale {
             dir: abs.clone(),

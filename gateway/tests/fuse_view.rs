@@ -681,7 +681,7 @@ fn mount_dir_checks_and_lifecycle() {
     assert_eq!(view.dir(), mnt);
     assert!(mnt.join(SITE).join("v").join("p.img").exists());
     let e = fuse::mount(pool.clone(), SITE.into(), &mnt).unwrap_err();
-    assert!(matches!(e, MountError::AlreadyMounted(_)), "{e}");
+    assert!(matches!(e, MountError::AlreadyMounted { .. }), "{e}");
     one_line(e);
     assert!(view.0.as_ref().unwrap().is_alive());
 

@@ -258,9 +258,10 @@ fn mount_ends_on_signals() {
 
 /// A gateway killed under a running `snapgate mount` leaves a dead mount
 /// ("Transport endpoint is not connected"): the mount command clears it and
-/// fails with a line saying why. With the mount command killed too, the dead
-/// mount stays; after a restart, `snapgate mount` on the same directory
-/// clears it and serves the view again.
+/// fails with a line saying why. With the mount command killed too (stopped
+/// while the gateway dies, so that neither can clear it), the dead mount
+/// stays; after a restart, `snapgate mount` on the same directory clears it
+/// and serves the view again.
 #[test]
 fn mount_again_after_a_gateway_crash() {
     if !require_tool("fusermount3") || !fuse_available() {
@@ -313,11 +314,12 @@ fn mount_again_after_a_gateway_crash() {
         wait_for(&img, Duration::from_secs(30)),
         "view never appeared"
     );
-    if let Some(mut c) = second.child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    let mut c = second.child.take().expect("child");
+    // SAFETY: kill(2) with a pid of our own child; no memory involved.
+    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGSTOP) };
     gw.kill9();
+    let _ = c.kill();
+    let _ = c.wait();
     // Once the cached attributes of the mount point expire (1 s), the dead
     // mount answers ENOTCONN.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -344,4 +346,98 @@ fn mount_again_after_a_gateway_crash() {
     };
     assert!(img.exists(), "view did not come back after the restart");
     assert_eq!(std::fs::metadata(&img).expect("stat").len(), 1 << 20);
+}
+
+/// A view lives exactly as long as its `snapgate mount`: a second one on the
+/// same directory is refused (from the same gateway or another one) while
+/// the first keeps serving, and `kill -9` of the first command unmounts its
+/// view, after which the directory takes a new one.
+#[test]
+fn a_view_lives_as_long_as_its_mount_command() {
+    if !require_tool("fusermount3") || !fuse_available() {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "p");
+    let other = Gateway::start();
+    let mnt = gw.tmp().join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let img = mnt.join(SITE).join("v").join("p.img");
+    let dir = mnt.to_str().expect("utf-8");
+    let spawn = |gw: &Gateway| {
+        gw.cli_cmd(&["mount", dir])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn snapgate mount")
+    };
+    let mut first = MountGuard {
+        dir: mnt.clone(),
+        child: Some(spawn(&gw)),
+    };
+    assert!(
+        wait_for(&img, Duration::from_secs(30)),
+        "view never appeared"
+    );
+    let pid = first.child.as_ref().expect("child").id();
+
+    for (who, g, expect) in [
+        ("the same gateway", &gw, format!("process {pid}")),
+        (
+            "another gateway",
+            &other,
+            "another snapgate process".to_owned(),
+        ),
+    ] {
+        let out = g.cli(&["mount", dir]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "a second mount through {who} succeeded: {err}"
+        );
+        assert!(
+            err.contains("already shows a snapgate view") && err.contains(&expect),
+            "through {who}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(
+            std::fs::metadata(&img)
+                .expect("the first view still serves")
+                .len(),
+            1 << 20
+        );
+        let c = first.child.as_mut().expect("child");
+        assert!(
+            c.try_wait().expect("try_wait").is_none(),
+            "the first mount command ended"
+        );
+    }
+
+    let mut c = first.child.take().expect("child");
+    let _ = c.kill();
+    let _ = c.wait();
+    let parent = std::fs::metadata(gw.tmp()).expect("stat").dev();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&mnt).expect("stat").dev() != parent {
+        assert!(
+            Instant::now() < deadline,
+            "the view outlived its mount command by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.log().contains("the process holding the FUSE view ended"),
+        "{}",
+        gw.log()
+    );
+
+    let mut again = MountGuard {
+        dir: mnt.clone(),
+        child: Some(spawn(&gw)),
+    };
+    assert!(wait_for(&img, Duration::from_secs(30)), "no new view");
+    let c = again.child.as_mut().expect("child");
+    assert!(c.try_wait().expect("try_wait").is_none());
 }
