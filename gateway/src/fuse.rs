@@ -230,7 +230,6 @@ pub fn mount(pool: Arc<store::Pool>, site: String, dir: &Path) -> Result<FuseVie
         }
     };
     raise_readahead(&dir);
-    tracing::info!(dir = %dir.display(), "FUSE view mounted");
     Ok(FuseView {
         dir,
         unmounter: Some(unmounter),
