@@ -206,8 +206,10 @@
 //!   whose old slot is found damaged when a checkpoint puts it together
 //!   fails every checkpoint until the pool is reopened: the open finds the
 //!   damage if the durable root points at that slot (losing only that
-//!   page's blocks), and otherwise rebuilds the page from the root and the
-//!   journal, losing nothing. A
+//!   page's blocks: they read as errors until written, trimmed or zeroed,
+//!   each of which gives a block an entry born after the loss), and
+//!   otherwise rebuilds the page from the root and the journal, losing
+//!   nothing. A
 //!   checkpoint that wrote its pages but no root leaves them in slots the
 //!   durable root does not use; the map in memory points at them and the
 //!   next checkpoint syncs them before its root does.

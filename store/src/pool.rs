@@ -302,7 +302,7 @@ impl VolState {
                 volume,
                 first_offset = first * B,
                 last_offset = last * B + B - 1,
-                "metadata page damaged: these blocks read as errors until rewritten"
+                "metadata page damaged: these blocks read as errors until written or trimmed"
             );
             self.damaged.push((first, last, upto));
             for &e in &epochs {
@@ -312,6 +312,18 @@ impl VolState {
         // Writes from now on are born in a later epoch, so they are known
         // good even in the damaged range.
         self.epoch = self.epoch.saturating_add(1);
+    }
+
+    /// The blocks of `[from, to)` in ranges of lost map entries, sorted.
+    fn lost_in(&self, from: u64, to: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for &(lo, hi, _) in &self.damaged {
+            let (a, z) = (lo.max(from), (hi + 1).min(to));
+            out.extend(a..z);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Whether blocks `first..=last` overlap a range of lost map entries.
@@ -1220,7 +1232,7 @@ impl Pool {
                     snapshot: None,
                     offset: first * B,
                     what: format!(
-                        "map entries of {} blocks ({} bytes from here) were lost with a damaged map page; they read as errors until rewritten",
+                        "map entries of {} blocks ({} bytes from here) were lost with a damaged map page; they read as errors until written or trimmed",
                         last - first + 1,
                         (last - first + 1) * B
                     ),
@@ -3558,9 +3570,26 @@ impl Volume {
                     true
                 })?;
             }
+            // Blocks whose entries were lost with a damaged map page are
+            // unknown, not holes: a trim makes them known holes (an entry
+            // born now), as a write makes them known data.
+            let lost = st.lost_in(b, batch_end);
+            if !lost.is_empty() {
+                blocks.extend(lost.iter().copied());
+                blocks.sort_unstable();
+                blocks.dedup();
+            }
             let mut items: Vec<UpdateItem> = Vec::with_capacity(blocks.len());
             for &blk in &blocks {
-                if let Some(it) = st.plan(blk, loc)? {
+                let planned = match st.plan(blk, loc)? {
+                    None if lost.binary_search(&blk).is_ok() => Some(UpdateItem {
+                        block: blk,
+                        set: Some(loc),
+                        drop: None,
+                    }),
+                    planned => planned,
+                };
+                if let Some(it) = planned {
                     items.push(it);
                 }
             }

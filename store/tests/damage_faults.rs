@@ -58,11 +58,17 @@ fn start(failing: &'static str, snapshot: bool) -> (MemMedium, Arc<AtomicU64>, A
     (m, left, pool)
 }
 
-/// The process killed (everything written kept), the pool reopened.
-fn kill_and_reopen(m: &MemMedium, pool: Arc<Pool>, h: store::Volume) -> (Arc<Pool>, store::Volume) {
+/// The process killed (everything written kept), the pool reopened; `m`
+/// becomes the medium of the new pool.
+fn kill_and_reopen(
+    m: &mut MemMedium,
+    pool: Arc<Pool>,
+    h: store::Volume,
+) -> (Arc<Pool>, store::Volume) {
     drop(h);
     let killed = m.kill();
     drop(pool);
+    *m = killed.clone();
     let pool = Pool::open_medium(Arc::new(killed), opts()).unwrap();
     let h = pool.open_head("a").unwrap();
     (pool, h)
@@ -123,7 +129,7 @@ fn a_damaged_old_slot_in_the_durable_root_fails_checkpoints_until_reopened() {
 
 /// One try of the test above; false when its first flush succeeded.
 fn damaged_root_then_reopened() -> bool {
-    let (m, _left, pool) = start("none", false);
+    let (mut m, _left, pool) = start("none", false);
     let h = pool.open_head("a").unwrap();
     assert!(pool.stats().map_patch_bytes > 0, "{:?}", pool.stats());
     evict(&h);
@@ -146,14 +152,35 @@ fn damaged_root_then_reopened() -> bool {
     let mut buf = vec![0u8; BLOCK];
     let e = h.read_at(&mut buf, B).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
-    let (pool, h) = kill_and_reopen(&m, pool, h);
+    let (pool, h) = kill_and_reopen(&mut m, pool, h);
     assert!(pool.volumes().iter().any(|v| v.name == "z"));
     let e = h.read_at(&mut buf, B).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
     h.write_at(&[0x22; BLOCK], B, false).unwrap();
+    // A trim or a zeroing makes a lost block a known hole, as a write
+    // makes it known data.
+    for b in [2, 3] {
+        let e = h.read_at(&mut buf, b * B).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+    }
+    h.trim(2 * B, B, false).unwrap();
+    h.write_zeroes(3 * B, B, false, false).unwrap();
     h.flush().unwrap();
-    h.read_at(&mut buf, B).unwrap();
-    assert_eq!(buf, vec![0x22; BLOCK]);
+    let check = |h: &store::Volume| {
+        let mut buf = vec![1u8; BLOCK];
+        h.read_at(&mut buf, B).unwrap();
+        assert_eq!(buf, vec![0x22; BLOCK]);
+        for b in [2, 3] {
+            let mut buf = vec![1u8; BLOCK];
+            h.read_at(&mut buf, b * B).unwrap();
+            assert_eq!(buf, vec![0; BLOCK], "block {b}");
+        }
+        let e = h.read_at(&mut buf, 4 * B).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+    };
+    check(&h);
+    let (pool, h) = kill_and_reopen(&mut m, pool, h);
+    check(&h);
     let report = pool.verify().unwrap();
     assert!(
         report
@@ -183,7 +210,7 @@ fn a_damaged_old_slot_no_root_points_at_loses_nothing_after_a_reopen() {
 
 /// One try of the test above; false when the flusher disturbed it.
 fn unrooted_damage_then_killed() -> bool {
-    let (m, left, pool) = start("checkpoint.tmp", false);
+    let (mut m, left, pool) = start("checkpoint.tmp", false);
     let h = pool.open_head("a").unwrap();
     // This checkpoint writes the 14 pages to new slots but no root.
     let before = file_bytes(&m, "meta");
@@ -204,7 +231,7 @@ fn unrooted_damage_then_killed() -> bool {
     evict(&h);
     let e = h.flush().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
-    let (pool, h) = kill_and_reopen(&m, pool, h);
+    let (pool, h) = kill_and_reopen(&mut m, pool, h);
     let mut buf = vec![0u8; BLOCK];
     for i in 0..2048u64 {
         h.read_at(&mut buf, i * B)
