@@ -44,6 +44,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use store::{Pool, SnapshotInfo, VolumeInfo, VolumeOptions};
@@ -167,6 +168,8 @@ pub struct MountRequest {
 pub struct Mount {
     view: FuseView,
     holder: Option<u32>,
+    /// The holder's pidfd, to tell whether it has ended.
+    holder_fd: Option<Arc<OwnedFd>>,
     /// Tells this mount from a later one on the same directory.
     id: u64,
     /// The task waiting for the holder's end; stopped when the mount is
@@ -175,6 +178,11 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// Whether the process the view lives with has ended.
+    fn holder_ended(&self) -> bool {
+        self.holder_fd.as_deref().is_some_and(readable_now)
+    }
+
     /// Unmounts the view and stops watching its holder.
     pub fn unmount(self) -> std::result::Result<(), MountError> {
         self.view.unmount()
@@ -480,51 +488,103 @@ async fn list_mounts(State(st): State<AdminState>) -> Json<Vec<MountView>> {
     Json(mounts.values().map(|m| mount_view(&st.site, m)).collect())
 }
 
-/// A pidfd of process `pid`: it stays bound to that process (a pid reused
-/// later is another process) and turns readable when the process ends.
-fn pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
-    // or -1; it touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+/// The process a view lives with, held by a pidfd: it stays bound to that
+/// process (a pid reused later is another process) and turns readable when
+/// the process ends. `fd` is `None` where the kernel gives none (no
+/// `pidfd_open`, or a sandbox that forbids it): the view then stays until
+/// unmounted.
+struct Holder {
+    pid: u32,
+    fd: Option<Arc<OwnedFd>>,
 }
 
-/// Returns when the process behind `fd` has ended.
-async fn ended(fd: std::os::fd::OwnedFd, pid: u32) {
-    use tokio::io::{unix::AsyncFd, Interest};
-    // SAFETY: the OwnedFd is open and moves into the AsyncFd, which closes
-    // it only when dropped; it always returns that same descriptor.
-    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-        Ok(fd) => {
-            let _ = fd.readable().await;
+impl Holder {
+    fn open(pid: u32) -> Result<Holder> {
+        let refused = |e: std::io::Error| {
+            Error::Invalid(format!(
+                "holder {pid} is not a process this gateway can see ({e}); `snapgate mount` must run on the gateway's machine, in its process namespace"
+            ))
+        };
+        let raw = libc::pid_t::try_from(pid)
+            .map_err(|_| refused(std::io::Error::from_raw_os_error(libc::ESRCH)))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1; it touches no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS) | Some(libc::EPERM) => {
+                    tracing::warn!(
+                        pid,
+                        "cannot watch a mount's holder ({e}): its view stays until unmounted"
+                    );
+                    Ok(Holder { pid, fd: None })
+                }
+                _ => Err(refused(e)),
+            };
         }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let holder = Holder {
+            pid,
+            fd: Some(Arc::new(fd)),
+        };
+        if holder.has_ended() {
+            return Err(Error::Invalid(format!("holder {pid} has already ended")));
+        }
+        Ok(holder)
+    }
+
+    fn has_ended(&self) -> bool {
+        self.fd.as_deref().is_some_and(readable_now)
+    }
+}
+
+/// Whether `fd` is readable right now (a pidfd: its process has ended).
+fn readable_now(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; no waiting.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+/// Waits for the holder behind `fd` to end: true when it has, false when
+/// it cannot be watched (the runtime is shutting down, say).
+async fn ended(fd: Arc<OwnedFd>, pid: u32) -> bool {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the Arc keeps the descriptor open, and the same one, for as
+    // long as the AsyncFd holds its clone.
+    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+        Ok(fd) => fd.readable().await.is_ok(),
         Err(e) => {
             tracing::warn!(
                 pid,
-                "cannot watch a mount's holder ({e}); its view stays until unmounted"
+                "cannot watch a mount's holder ({}); its view stays until unmounted",
+                e
             );
-            std::future::pending::<()>().await;
+            false
         }
     }
 }
 
-/// Unmounts the view on `dir` once its holder (`fd`, `pid`) has ended,
-/// unless mount `id` is gone by then.
+/// Unmounts the view on `dir` once its holder has ended, unless mount `id`
+/// is gone by then (or the gateway with it).
 async fn unmount_when_ended(
-    mounts: Mounts,
+    mounts: std::sync::Weak<Mutex<BTreeMap<PathBuf, Mount>>>,
     dir: PathBuf,
     id: u64,
     pid: u32,
-    fd: std::os::fd::OwnedFd,
+    fd: Arc<OwnedFd>,
 ) {
-    ended(fd, pid).await;
+    if !ended(fd, pid).await {
+        return;
+    }
+    let Some(mounts) = mounts.upgrade() else {
+        return;
+    };
     let gone = {
         let mut m = mounts.lock();
         match m.get(&dir) {
@@ -556,79 +616,63 @@ async fn create_mount(
 ) -> Result<(StatusCode, Json<MountView>)> {
     let req = body(parsed)?;
     let dir = mount_dir(&req.dir)?;
-    let holder = match req.holder {
-        None => None,
-        Some(pid) => match pidfd(pid) {
-            Ok(fd) => Some((pid, Some(fd))),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                tracing::warn!(pid, "this kernel has no pidfd_open: the view stays until unmounted");
-                Some((pid, None))
-            }
-            Err(e) => {
-                return Err(Error::Invalid(format!(
-                    "holder {pid} is not a running process on this machine ({e}); send the pid of the process the view lives with, or no holder"
-                )))
-            }
-        },
-    };
+    let holder = req.holder.map(Holder::open).transpose()?;
     let id = NEXT_MOUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (pid, fd) = match holder {
-        Some((pid, fd)) => (Some(pid), fd),
-        None => (None, None),
-    };
-    let mounts = Arc::clone(&st.mounts);
-    let (answer, key) = blocking(move || {
-        // A view unmounted from outside is replaced; a live one is refused:
-        // it ends with its holder, its DELETE or an outside unmount.
+    let rt = tokio::runtime::Handle::current();
+    // Everything, the holder's watch included, happens in the blocking
+    // task, which runs to its end even if the client goes away meanwhile:
+    // a view is never left without the watch that ends it.
+    let answer = blocking(move || {
         let old = {
             let mut m = st.mounts.lock();
-            if let Some(old) = m.get(&dir).filter(|old| old.view.is_alive()) {
-                let by = match old.holder {
-                    Some(pid) => format!(
-                        "served by this gateway for process {pid}, a running `snapgate mount`"
-                    ),
-                    None => "served by this gateway, mounted through the admin API".to_owned(),
-                };
-                return Err(MountError::AlreadyMounted {
-                    dir: dir.clone(),
-                    by,
+            if let Some(old) = m.get(&dir) {
+                if old.view.is_alive() && !old.holder_ended() {
+                    let why = match old.holder {
+                        Some(pid) => format!(
+                            ", kept by `snapgate mount` (pid {pid}) through this gateway: stop that command first"
+                        ),
+                        None => format!(
+                            " of this gateway, mounted through its admin API: unmount it first (`fusermount3 -u {}`)",
+                            dir.display()
+                        ),
+                    };
+                    return Err(MountError::AlreadyMounted { dir, why }.into());
                 }
-                .into());
             }
+            // Unmounted from outside, or its holder has ended: replaced.
             m.remove(&dir)
         };
         if let Some(old) = old {
             old.unmount()?;
         }
         let view = fuse::mount(Arc::clone(&st.pool), st.site.clone(), &dir)?;
-        let mount = Mount {
+        let key = view.dir().to_path_buf();
+        let mut mount = Mount {
             view,
-            holder: pid,
+            holder: holder.as_ref().map(|h| h.pid),
+            holder_fd: holder.as_ref().and_then(|h| h.fd.clone()),
             id,
             watch: None,
         };
         let answer = mount_view(&st.site, &mount);
-        tracing::info!(dir = %answer.dir, holder = ?pid, "FUSE view mounted");
-        let key = mount.view.dir().to_path_buf();
-        st.mounts.lock().insert(key.clone(), mount);
-        Ok((answer, key))
+        tracing::info!(dir = %answer.dir, holder = ?mount.holder, "FUSE view mounted");
+        let mut m = st.mounts.lock();
+        if let Some(h) = &holder {
+            if let Some(fd) = &h.fd {
+                let task = rt.spawn(unmount_when_ended(
+                    Arc::downgrade(&st.mounts),
+                    key.clone(),
+                    id,
+                    h.pid,
+                    Arc::clone(fd),
+                ));
+                mount.watch = Some(Watch(Some(task.abort_handle())));
+            }
+        }
+        m.insert(key, mount);
+        Ok(answer)
     })
     .await?;
-    if let (Some(pid), Some(fd)) = (pid, fd) {
-        let task = tokio::spawn(unmount_when_ended(
-            Arc::clone(&mounts),
-            key.clone(),
-            id,
-            pid,
-            fd,
-        ));
-        let mut m = mounts.lock();
-        match m.get_mut(&key) {
-            Some(x) if x.id == id => x.watch = Some(Watch(Some(task.abort_handle()))),
-            // Already gone (its holder ended, or a DELETE came first).
-            _ => task.abort(),
-        }
-    }
     Ok((StatusCode::CREATED, Json(answer)))
 }
 
@@ -1047,6 +1091,29 @@ mod tests {
             assert_eq!(answer.status, 400, "holder {holder}: {}", answer.text);
             assert!(!answer.error().is_empty());
         }
+        // A holder that has ended (a zombie: pidfd_open still finds it).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let stat = format!("/proc/{}/stat", child.id());
+        for _ in 0..500 {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            if s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answer = api
+            .post("/v1/mounts", json!({"dir": dir, "holder": child.id()}))
+            .await;
+        child.wait().unwrap();
+        assert_eq!(answer.status, 400, "{}", answer.text);
+        assert!(
+            answer.error().contains("has already ended"),
+            "{}",
+            answer.text
+        );
 
         let nowhere = api.get("/v2/nothing").await;
         assert_eq!(nowhere.status, 404);

@@ -188,7 +188,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 // ---------------------------------------------------------------- mount
 
 /// Asks the gateway to serve the FUSE view on `dir`, then waits for Ctrl-C,
-/// SIGTERM or an outside unmount, and asks it to unmount.
+/// SIGTERM or an outside unmount, and asks it to unmount. The gateway also
+/// watches this process (its pid goes with the request as `holder`) and
+/// unmounts the view when it ends, however it ends.
 fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
     // The gateway's working directory is not ours: send an absolute path.
     let abs = if dir.is_absolute() {
@@ -209,13 +211,54 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
         }
     }
     let abs = std::fs::canonicalize(&abs).unwrap_or(abs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow!("cannot start the signal handler: {e}"))?;
+    let result = rt.block_on(mount_and_wait(client, &abs, out));
+    // A request still hanging on a gateway that does not answer is left
+    // behind, not waited for.
+    rt.shutdown_background();
+    result
+}
+
+/// The body of [`mount`], with signals handled from before the request on
+/// (the view appears before the answer arrives), and every request off
+/// the signal-handling thread (a gateway that does not answer must not
+/// keep Ctrl-C from working).
+async fn mount_and_wait(client: &Client, abs: &Path, out: Output) -> Result<ExitCode> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| anyhow!("cannot handle signals: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| anyhow!("cannot handle signals: {e}"))?;
     let dir_text = abs.display().to_string();
-    // The view lives as long as this process: the gateway unmounts it when
-    // we end, however we end.
-    let view: MountView = client.post(
-        "/v1/mounts",
-        &serde_json::json!({ "dir": dir_text, "holder": std::process::id() }),
-    )?;
+    let request = {
+        let c = client.clone();
+        let body = serde_json::json!({ "dir": dir_text, "holder": std::process::id() });
+        tokio::task::spawn_blocking(move || c.post::<MountView>("/v1/mounts", &body))
+    };
+    tokio::pin!(request);
+    let answered = tokio::select! {
+        r = &mut request => Some(r),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    };
+    let answered = match answered {
+        Some(r) => r,
+        // Interrupted while the gateway mounts: give it a moment to answer,
+        // so that a view it made is unmounted now, not only once we end.
+        None => match tokio::time::timeout(Duration::from_secs(5), &mut request).await {
+            Ok(r) => {
+                let view = r.map_err(|e| anyhow!("the mount request failed: {e}"))??;
+                return unmount_on_signal(client, &view.dir).await;
+            }
+            Err(_) => bail!(
+                "interrupted while the gateway was mounting {dir_text}; if it still does, the view ends with this command"
+            ),
+        },
+    };
+    let view = answered.map_err(|e| anyhow!("the mount request failed: {e}"))??;
     out.show(&view, || {
         println!(
             "mounted the snapshot view on {} ({}/<volume>/<point>.img); Ctrl-C or `fusermount3 -u {}` to unmount",
@@ -223,51 +266,45 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
         )
     })?;
     let _ = std::io::stdout().flush();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow!("cannot start the signal handler: {e}"))?;
-    let end = rt
-        .block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            loop {
-                tokio::select! {
-                    _ = term.recv() => return Ok::<MountEnd, std::io::Error>(MountEnd::Signal),
-                    _ = int.recv() => return Ok(MountEnd::Signal),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                // Unmounted from outside, or the gateway went away?
-                let mounts: Result<Vec<MountView>> = client.get("/v1/mounts");
-                match mounts {
-                    Ok(m) if m.iter().any(|m| m.dir == view.dir && m.alive) => {}
-                    Ok(_) => return Ok(MountEnd::Outside),
-                    // No answer: a busy gateway still serves the view; a
-                    // gone one left a dead mount (ENOTCONN) or none.
-                    Err(e) => match mount_state(&abs) {
-                        MountState::Alive => {}
-                        MountState::Dead => return Ok(MountEnd::GatewayGone(e, true)),
-                        MountState::Gone => return Ok(MountEnd::GatewayGone(e, false)),
-                    },
-                }
-            }
-        })
-        .map_err(|e| anyhow!("cannot wait for signals: {e}"))?;
+    let poller = client.with_timeout(POLL_TIMEOUT);
+    let end = loop {
+        tokio::select! {
+            _ = term.recv() => break MountEnd::Signal,
+            _ = int.recv() => break MountEnd::Signal,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        // Unmounted from outside, or the gateway went away?
+        let poll = {
+            let c = poller.clone();
+            tokio::task::spawn_blocking(move || c.get::<Vec<MountView>>("/v1/mounts"))
+        };
+        let mounts = tokio::select! {
+            r = poll => r.map_err(|e| anyhow!("the request failed: {e}"))?,
+            _ = term.recv() => break MountEnd::Signal,
+            _ = int.recv() => break MountEnd::Signal,
+        };
+        match mounts {
+            Ok(m) if m.iter().any(|m| m.dir == view.dir && m.alive) => {}
+            Ok(_) => break MountEnd::Outside,
+            // No answer: a busy gateway still serves the view; a gone one
+            // left a dead mount (ENOTCONN) or none.
+            Err(e) => match mount_state(abs) {
+                MountState::Alive => {}
+                MountState::Dead => break MountEnd::GatewayGone(e, true),
+                MountState::Gone => break MountEnd::GatewayGone(e, false),
+            },
+        }
+    };
     match end {
         MountEnd::Outside => {
             eprintln!("snapgate: the view on {} was unmounted", view.dir);
             Ok(ExitCode::SUCCESS)
         }
-        MountEnd::Signal => {
-            client.delete(&format!("/v1/mounts?dir={}", encode(&view.dir)))?;
-            eprintln!("snapgate: unmounted {}", view.dir);
-            Ok(ExitCode::SUCCESS)
-        }
+        MountEnd::Signal => unmount_on_signal(client, &view.dir).await,
         MountEnd::GatewayGone(e, dead) => {
             let left = if !dead {
                 String::new()
-            } else if let Err(why) = detach(&abs) {
+            } else if let Err(why) = detach(abs) {
                 format!(
                     "; its dead mount is still there ({why}): run `fusermount3 -u {}`",
                     view.dir
@@ -280,6 +317,32 @@ fn mount(client: &Client, dir: &Path, out: Output) -> Result<ExitCode> {
                 view.dir
             )
         }
+    }
+}
+
+/// How long one look at the gateway's mounts may take.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the unmount request after Ctrl-C may take.
+const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the gateway to unmount the view on `dir` after Ctrl-C or SIGTERM,
+/// waiting at most [`UNMOUNT_TIMEOUT`]: a gateway that does not answer
+/// unmounts it once this command has ended (it watches it).
+async fn unmount_on_signal(client: &Client, dir: &str) -> Result<ExitCode> {
+    let c = client.with_timeout(UNMOUNT_TIMEOUT);
+    let path = format!("/v1/mounts?dir={}", encode(dir));
+    let asked = tokio::task::spawn_blocking(move || c.delete(&path))
+        .await
+        .map_err(|e| anyhow!("the unmount request failed: {e}"))?;
+    match asked {
+        Ok(()) => {
+            eprintln!("snapgate: unmounted {dir}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => bail!(
+            "cannot ask the gateway to unmount {dir} ({e:#}); it unmounts the view once this command has ended"
+        ),
     }
 }
 
@@ -859,6 +922,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 // ---------------------------------------------------------------- admin client
 
 /// A blocking client of the admin endpoint.
+#[derive(Clone)]
 struct Client {
     addr: String,
     base: String,
@@ -883,6 +947,17 @@ impl Client {
             addr: addr.to_owned(),
             base,
             agent,
+        }
+    }
+
+    /// The same client, giving up on a request after `limit`.
+    fn with_timeout(&self, limit: Duration) -> Client {
+        Client {
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(5).min(limit))
+                .timeout(limit)
+                .build(),
+            ..self.clone()
         }
     }
 

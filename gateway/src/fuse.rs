@@ -89,8 +89,10 @@ pub enum MountError {
     NotEmpty(PathBuf),
     #[error("/dev/fuse is missing: load the fuse module (modprobe fuse) or pass the device into the container")]
     NoFuseDevice,
-    #[error("{} already shows a snapgate view ({by}): unmount it first (`fusermount3 -u {}`)", dir.display(), dir.display())]
-    AlreadyMounted { dir: PathBuf, by: String },
+    /// `why`: whose view it is and what to do, starting with a comma or
+    /// colon.
+    #[error("{} already shows a snapgate view{why}", dir.display())]
+    AlreadyMounted { dir: PathBuf, why: String },
     #[error("invalid site name {0:?}: it must be one non-empty path component")]
     InvalidSite(String),
     #[error("cannot clear the stale FUSE mount on {}: {reason}", dir.display())]
@@ -164,8 +166,11 @@ pub fn mount(pool: Arc<store::Pool>, site: String, dir: &Path) -> Result<FuseVie
             .any(|(d, a)| *d == dir && a.load(Ordering::SeqCst))
         {
             return Err(MountError::AlreadyMounted {
+                why: format!(
+                    " of this gateway: unmount it first (`fusermount3 -u {}`)",
+                    dir.display()
+                ),
                 dir,
-                by: "served by this gateway".into(),
             });
         }
         live.retain(|(d, _)| *d != dir);
@@ -454,7 +459,17 @@ fn mount_on(mountinfo: &str, dir: &Path) -> Option<MountEntry> {
 
 /// Whether `dir` answers a stat within [`PROBE_TIMEOUT`]: `Ok(true)` if it
 /// does, `Ok(false)` for a dead FUSE mount (ENOTCONN, or no answer).
-fn probe(dir: &Path) -> Result<bool, io::Error> {
+/// What a FUSE mount answers to `stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Alive,
+    /// ENOTCONN: its server is gone.
+    Dead,
+    /// No answer within [`PROBE_TIMEOUT`]: stopped, hung or busy.
+    Silent,
+}
+
+fn probe(dir: &Path) -> Result<Probe, io::Error> {
     let (tx, rx) = std::sync::mpsc::channel();
     let d = dir.to_path_buf();
     // Detached on purpose: a hung mount would hang the caller too.
@@ -462,10 +477,10 @@ fn probe(dir: &Path) -> Result<bool, io::Error> {
         let _ = tx.send(std::fs::metadata(&d).map(|_| ()));
     });
     match rx.recv_timeout(PROBE_TIMEOUT) {
-        Ok(Ok(())) => Ok(true),
-        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Ok(Ok(())) => Ok(Probe::Alive),
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(Probe::Dead),
         Ok(Err(e)) => Err(e),
-        Err(_) => Ok(false),
+        Err(_) => Ok(Probe::Silent),
     }
 }
 
@@ -486,23 +501,33 @@ pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
         let ours = m.source == FSNAME;
         if ours && served_here(&abs) {
             return Err(MountError::AlreadyMounted {
+                why: format!(
+                    " of this gateway: unmount it first (`fusermount3 -u {}`)",
+                    abs.display()
+                ),
                 dir: abs,
-                by: "served by this gateway".into(),
             });
         }
-        let live = probe(&abs).map_err(|source| MountError::Dir {
+        let state = probe(&abs).map_err(|source| MountError::Dir {
             dir: abs.clone(),
             source,
         })?;
-        if live && ours {
-            // Another gateway's view, still answering: it ends with its
+        if ours && state != Probe::Dead {
+            // Another gateway's view, answering or busy: it ends with its
             // `snapgate mount` or its gateway; never taken from under it.
+            let why = match state {
+                Probe::Alive => "served by another process",
+                _ => "that does not answer (its gateway is stopped or busy)",
+            };
             return Err(MountError::AlreadyMounted {
+                why: format!(
+                    " {why}: stop its `snapgate mount` or gateway, or unmount it (`fusermount3 -u {}`)",
+                    abs.display()
+                ),
                 dir: abs,
-                by: "served by another snapgate process".into(),
             });
         }
-        if live {
+        if state == Probe::Alive {
             break; // someone else's working FUSE mount: judged below
         }
         tracing::warn!(

@@ -384,11 +384,11 @@ fn a_view_lives_as_long_as_its_mount_command() {
     let pid = first.child.as_ref().expect("child").id();
 
     for (who, g, expect) in [
-        ("the same gateway", &gw, format!("process {pid}")),
+        ("the same gateway", &gw, format!("pid {pid}")),
         (
             "another gateway",
             &other,
-            "another snapgate process".to_owned(),
+            "served by another process".to_owned(),
         ),
     ] {
         let out = g.cli(&["mount", dir]);
@@ -440,4 +440,63 @@ fn a_view_lives_as_long_as_its_mount_command() {
     assert!(wait_for(&img, Duration::from_secs(30)), "no new view");
     let c = again.child.as_mut().expect("child");
     assert!(c.try_wait().expect("try_wait").is_none());
+}
+
+/// Ctrl-C works even while the gateway does not answer (stopped with
+/// SIGSTOP): `snapgate mount` gives up on the unmount request within
+/// seconds and says so in one line, and the gateway, once it runs again,
+/// unmounts the view of the ended command by itself.
+#[test]
+fn ctrl_c_with_a_stopped_gateway() {
+    if !require_tool("fusermount3") || !fuse_available() {
+        return;
+    }
+    let gw = Gateway::start();
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "p");
+    let mnt = gw.tmp().join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let img = mnt.join(SITE).join("v").join("p.img");
+    let mut guard = MountGuard {
+        dir: mnt.clone(),
+        child: Some(
+            gw.cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn snapgate mount"),
+        ),
+    };
+    assert!(
+        wait_for(&img, Duration::from_secs(30)),
+        "view never appeared"
+    );
+    let gw_pid = gw.pid().expect("gateway pid") as libc::pid_t;
+    let mut child = guard.child.take().expect("child");
+    // SAFETY: kill(2) on the gateway and our own child; no memory involved.
+    unsafe {
+        libc::kill(gw_pid, libc::SIGSTOP);
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let st = wait_timeout(&mut child, Duration::from_secs(20));
+    // SAFETY: as above.
+    unsafe { libc::kill(gw_pid, libc::SIGCONT) };
+    let st = st.expect("snapgate mount still running 20 s after Ctrl-C");
+    let err = stderr_of(&mut child);
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains("it unmounts the view once this command has ended"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let parent = std::fs::metadata(gw.tmp()).expect("stat").dev();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::metadata(&mnt).map(|m| m.dev()).ok() != Some(parent) {
+        assert!(
+            Instant::now() < deadline,
+            "the view outlived its mount command"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -16,6 +16,7 @@ use super::proto::{self, ClientOption, Decode, InfoRequest, MetaContextRequest};
 use super::{BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, MAX_PAYLOAD};
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -86,11 +87,18 @@ struct Negotiation<'a, R, W> {
 /// (kind `InvalidData`) that ends the connection. Once `shutdown` turns
 /// true, every further option but ABORT is refused with
 /// `NBD_REP_ERR_SHUTDOWN` (EXPORT_NAME, which has no error reply, closes).
+///
+/// `idle` bounds each step: the client flags, and each option with its
+/// reply. A step that takes longer fails with `TimedOut`. A client making
+/// progress may take as long as it needs (listing many exports takes a
+/// while: libnbd sends some options corked, 0.2 s each), one that stalls
+/// cannot hold a connection slot.
 pub(super) async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     source: &Arc<dyn ExportSource>,
     shutdown: watch::Receiver<bool>,
+    idle: Duration,
 ) -> io::Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
@@ -102,7 +110,7 @@ where
     w.flush().await?;
 
     let mut flags = [0u8; proto::CLIENT_FLAGS_LEN];
-    r.read_exact(&mut flags).await?;
+    within(idle, r.read_exact(&mut flags)).await?;
     let client = match proto::parse_client_flags(&flags) {
         Ok(Decode::Complete { value, .. }) => value,
         Ok(Decode::Incomplete { .. }) => return Err(protocol_error("short client flags")),
@@ -119,13 +127,27 @@ where
         shutdown,
     };
     for _ in 0..MAX_OPTIONS {
-        if let Some(end) = n.option().await? {
+        if let Some(end) = within(idle, n.option()).await? {
             return Ok(end);
         }
     }
     Err(protocol_error(format!(
         "more than {MAX_OPTIONS} options without choosing an export"
     )))
+}
+
+/// `step`, failed with `TimedOut` when it takes longer than `limit`.
+async fn within<T>(
+    limit: Duration,
+    step: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client stalled for {limit:?} in negotiation"),
+        )),
+    }
 }
 
 impl<R, W> Negotiation<'_, R, W>

@@ -89,9 +89,10 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(200);
 /// …or this long after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// A client that has not chosen an export this long after connecting is
-/// disconnected, so idle sockets cannot hold every connection slot
-/// (qemu-nbd's default handshake limit is the same).
+/// A client that stalls this long in negotiation (before its flags, or
+/// between options) is disconnected, so idle sockets cannot hold every
+/// connection slot (qemu-nbd's default handshake limit is the same, but
+/// for the whole negotiation: listing many exports takes longer).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The NBD server. Cheap to share: `serve_tcp` and `serve_unix` may run at
@@ -112,7 +113,7 @@ impl Server {
         }
     }
 
-    /// Changes how long a client may take to choose an export.
+    /// Changes how long a client may stall in negotiation.
     pub fn with_handshake_timeout(mut self, limit: Duration) -> Self {
         self.handshake_timeout = limit;
         self
@@ -229,22 +230,19 @@ impl Server {
         let mut r = BufReader::with_capacity(256 << 10, r);
         // At shutdown, negotiation goes on for SHUTDOWN_GRACE, refusing
         // options with NBD_REP_ERR_SHUTDOWN so the client learns why.
-        let negotiation = tokio::time::timeout(
+        let negotiation = handshake::negotiate(
+            &mut r,
+            &mut w,
+            &self.source,
+            shutdown.clone(),
             self.handshake_timeout,
-            handshake::negotiate(&mut r, &mut w, &self.source, shutdown.clone()),
         );
         let grace = async {
             wait_shutdown(&mut shutdown).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         let negotiated = tokio::select! {
-            res = negotiation => match res {
-                Ok(res) => res,
-                Err(_) => {
-                    warn!("client chose no export within {:?}: disconnecting", self.handshake_timeout);
-                    return;
-                }
-            },
+            res = negotiation => res,
             _ = grace => {
                 debug!("closing connection in negotiation: shutting down");
                 return;
@@ -258,6 +256,10 @@ impl Server {
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 warn!("negotiation failed: {e}");
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                warn!("{e}: disconnecting");
                 return;
             }
             Err(e) => {
