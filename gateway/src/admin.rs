@@ -31,7 +31,7 @@
 //! without one lives until `DELETE /v1/mounts`, an outside unmount or the
 //! gateway's end.
 
-use crate::error::{Error, Result};
+use crate::error::{BodyProblem, Error, Result};
 use crate::fuse::{self, FuseView, MountError};
 use crate::metrics::{self, Metrics};
 use axum::extract::rejection::JsonRejection;
@@ -109,6 +109,7 @@ pub struct SiteView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,
@@ -157,6 +158,7 @@ pub struct MountView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MountRequest {
     pub dir: String,
     /// Unmount the view when the process with this pid ends.
@@ -211,6 +213,7 @@ impl Drop for Watch {
 pub type Mounts = Arc<Mutex<BTreeMap<PathBuf, Mount>>>;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResizeVolume {
     pub size: u64,
     /// Shrinking discards the data past the new end, so it must be asked
@@ -220,6 +223,7 @@ pub struct ResizeVolume {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     pub name: String,
 }
@@ -263,6 +267,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
@@ -280,6 +285,8 @@ pub fn http_status(err: &Error) -> StatusCode {
             K::Corruption | K::Io => StatusCode::INTERNAL_SERVER_ERROR,
         },
         Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::BadBody(_, BodyProblem::ContentType) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::BadBody(_, BodyProblem::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::NotMounted(_) => StatusCode::NOT_FOUND,
         Error::Mount(e) => match e {
             MountError::Missing(_)
@@ -322,11 +329,44 @@ where
     tokio::task::spawn_blocking(f).await?
 }
 
-/// Turns axum's plain-text body rejections into our JSON errors.
+/// Turns axum's plain-text body rejections into our JSON errors, keeping
+/// the status of a wrong content type (415) and of a body too large (413).
 fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T> {
-    parsed
-        .map(|Json(v)| v)
-        .map_err(|e| Error::Invalid(format!("bad request body: {}", e.body_text())))
+    parsed.map(|Json(v)| v).map_err(|e| {
+        let msg = format!("bad request body: {}", e.body_text());
+        match e.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::BadBody(msg, BodyProblem::ContentType),
+            StatusCode::PAYLOAD_TOO_LARGE => Error::BadBody(msg, BodyProblem::TooLarge),
+            _ => Error::Invalid(msg),
+        }
+    })
+}
+
+/// Every error answer is `{"error": ...}`: the rejections of axum's own
+/// extractors (a path segment that is not UTF-8, a query string without a
+/// field it needs) come as plain text, and are wrapped here.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_owned()
+    } else {
+        text
+    };
+    (status, Json(ErrorBody { error })).into_response()
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -1080,6 +1120,44 @@ mod tests {
             .post("/v1/volumes", json!({"name": "a@b", "size": 4096}))
             .await;
         assert_eq!(bad_name.status, 400, "{}", bad_name.text);
+
+        // A misspelt field is refused, not ignored.
+        let typo = api
+            .post(
+                "/v1/volumes",
+                json!({"name": "t", "size": 4096, "cbt_granulariy": 0}),
+            )
+            .await;
+        assert_eq!(typo.status, 400, "{}", typo.text);
+        assert!(typo.error().contains("cbt_granulariy"), "{}", typo.text);
+        // The rejections of the path and query extractors are JSON too.
+        for (method, path) in [
+            ("GET", "/v1/volumes/t/diff"),
+            ("GET", "/v1/volumes/t/diff?from=a&from=b"),
+            ("GET", "/v1/volumes/%FF"),
+            ("DELETE", "/v1/volumes/%FF/snapshots/s"),
+            ("DELETE", "/v1/mounts"),
+        ] {
+            let answer = api.call(method, path, None).await;
+            assert_eq!(answer.status, 400, "{method} {path}: {}", answer.text);
+            assert_eq!(answer.content_type, "application/json", "{method} {path}");
+            assert!(!answer.error().is_empty(), "{method} {path}");
+        }
+        // A body that is not declared JSON: 415.
+        let wrong_type = tokio::task::spawn_blocking({
+            let url = format!("http://{}/v1/volumes", api.addr);
+            move || match ureq::post(&url)
+                .set("content-type", "text/plain")
+                .send_string(r#"{"name":"t","size":4096}"#)
+            {
+                Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap()),
+                other => panic!("{other:?}"),
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(wrong_type.0, 415, "{}", wrong_type.1);
+        assert!(wrong_type.1.contains("\"error\""), "{}", wrong_type.1);
 
         // A mount's holder must be a running process (checked before the
         // directory is touched).

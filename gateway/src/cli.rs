@@ -437,6 +437,9 @@ fn serve(args: ServeArgs, admin: &str, json_logs: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Signals this close to the first one are taken as the same request.
+const SAME_SIGNAL: Duration = Duration::from_secs(1);
+
 async fn serve_until_signal(cfg: ServeConfig) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before the ready line, so a supervisor that signals as soon
@@ -457,11 +460,22 @@ async fn serve_until_signal(cfg: ServeConfig) -> Result<()> {
         e = gateway.failed() => Some(e),
     };
     // A second signal while draining means "stop now": the unflushed tail
-    // is the price the operator chose.
-    let stopped = tokio::select! {
-        r = gateway.shutdown(DRAIN_TIMEOUT) => r,
-        _ = term.recv() => bail!("stopped by a second signal before the pool was flushed"),
-        _ = int.recv() => bail!("stopped by a second signal before the pool was flushed"),
+    // is the price the operator chose. One within a second of the first is
+    // the same request twice (`timeout` signals the process, then its
+    // group), not a second thought.
+    let first = std::time::Instant::now();
+    let shutdown = gateway.shutdown(DRAIN_TIMEOUT);
+    tokio::pin!(shutdown);
+    let stopped = loop {
+        tokio::select! {
+            r = &mut shutdown => break r,
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if first.elapsed() >= SAME_SIGNAL {
+            bail!("stopped by a second signal before the pool was flushed");
+        }
+        tracing::info!("a second signal right after the first: still stopping cleanly");
     };
     if let Some(e) = failure {
         if let Err(flush) = stopped {
@@ -525,9 +539,9 @@ fn init_logging(default: &str, json: bool) {
 // ---------------------------------------------------------------- verify
 
 fn verify(data: &Path, out: Output) -> Result<ExitCode> {
-    if !data.is_dir() {
+    if !data.is_dir() || !store::Pool::exists_in(data) {
         bail!(
-            "no data directory at {} (pass --data DIR, the directory `snapgate serve` uses)",
+            "no snapgate data directory at {} (pass --data DIR, the directory `snapgate serve` uses)",
             data.display()
         );
     }

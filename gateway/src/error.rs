@@ -23,6 +23,10 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// An admin request body of the wrong type or size.
+    #[error("{0}")]
+    BadBody(String, BodyProblem),
+
     /// A listening socket could not be set up.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
@@ -55,6 +59,15 @@ pub enum Error {
     /// A bug or a panic inside the gateway; the message says where.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What is wrong with a request body besides its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyProblem {
+    /// Not sent as `application/json`.
+    ContentType,
+    /// Larger than the endpoint takes.
+    TooLarge,
 }
 
 impl Error {

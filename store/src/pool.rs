@@ -657,6 +657,16 @@ impl Pool {
         Self::open_medium(Arc::new(m), opts)
     }
 
+    /// Whether `dir` holds a pool (its data, meta or checkpoint file), so
+    /// that tools that only inspect one can refuse a wrong directory
+    /// instead of creating a pool there.
+    pub fn exists_in(dir: impl AsRef<Path>) -> bool {
+        let dir = dir.as_ref();
+        [DATA_FILE, META_FILE, CHECKPOINT]
+            .iter()
+            .any(|f| dir.join(f).exists())
+    }
+
     /// Opens a pool on any medium (tests use [`crate::MemMedium`]). Out of
     /// space, it gives the space reserve back and tries once more.
     pub fn open_medium(medium: Arc<dyn Medium>, opts: PoolOptions) -> Result<Arc<Pool>> {

@@ -295,3 +295,30 @@ fn shrinking_needs_to_be_asked_for() {
         assert_eq!(gw.nbd_size("s"), 5 << 20);
     }
 }
+
+/// `snapgate verify` on a directory that holds no pool (a typo in --data,
+/// the wrong working directory) fails with one line and writes nothing
+/// there: it does not create a pool and report it clean.
+#[test]
+fn verify_refuses_a_directory_without_a_pool() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    std::fs::write(other.join("readme.txt"), b"hi").expect("write");
+    for dir in [other.clone(), tmp.path().join("missing")] {
+        let out = run_output(
+            std::process::Command::new(snapgate_bin())
+                .arg("verify")
+                .arg("--data")
+                .arg(&dir),
+        );
+        let line = assert_one_line_error(&out, "verify of a directory without a pool");
+        assert!(line.contains("no snapgate data directory"), "{line}");
+    }
+    let names: Vec<_> = std::fs::read_dir(&other)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("readme.txt")]);
+    assert!(!tmp.path().join("missing").exists());
+}

@@ -54,6 +54,41 @@ fn data_and_restart_after_sigterm() {
     gw.qemu_io_ok("v", &["read -P 0x61 0 1M"]);
 }
 
+/// The same SIGTERM twice in a row (GNU `timeout` signals the process and
+/// then its process group) is one request: the gateway still drains,
+/// flushes and exits 0, and the unflushed writes are there after the
+/// restart. The writes leave its final flush enough work to be running
+/// when the second signal comes.
+#[test]
+fn a_repeated_sigterm_still_stops_cleanly() {
+    if !require_tool("qemu-io") || !require_python_nbd() {
+        return;
+    }
+    let mut gw = Gateway::start();
+    gw.create_volume("v", "512M");
+    // Written and never flushed (qemu-io flushes when it closes; libnbd's
+    // shutdown does not).
+    run(std::process::Command::new(SYS_PYTHON).args([
+        "-c",
+        "import nbd, sys\n\
+         h = nbd.NBD()\n\
+         h.connect_uri(sys.argv[1])\n\
+         buf = b'\\x5c' * (4 << 20)\n\
+         for i in range(96):\n    h.pwrite(buf, i * (4 << 20))\n\
+         h.shutdown()\n",
+        &gw.nbd_uri("v"),
+    ]));
+    gw.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(20));
+    gw.signal(libc::SIGTERM);
+    match gw.wait_exit(BOUND) {
+        Some(status) => assert!(status.success(), "exited with {status}\n{}", gw.log()),
+        None => panic!("gateway still running {BOUND:?} after the signals"),
+    }
+    gw.restart();
+    gw.qemu_io_ok("v", &["read -P 0x5c 0 384M"]);
+}
+
 /// SIGTERM in the middle of a stream of writes: the gateway drains (every
 /// write it acknowledged is on disk after the restart, none is torn) and
 /// exits 0.
