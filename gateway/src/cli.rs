@@ -41,7 +41,8 @@ pub struct Cli {
         global = true,
         env = "SNAPGATE_ADMIN",
         default_value = DEFAULT_ADMIN,
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = admin_address
     )]
     pub admin: String,
 
@@ -110,7 +111,7 @@ pub enum VolumeCommand {
     Create {
         name: String,
         /// Virtual size: bytes or a binary unit (512, 64K, 10M, 4G, 2T).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Changed-block tracking granularity (a power of two, 4K..1G), or
         /// `off` [default: 64K].
@@ -125,7 +126,7 @@ pub enum VolumeCommand {
     Resize {
         name: String,
         /// The new size (512, 64K, 10M, 4G, 2T).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Allow a smaller size: the data past the new end is discarded.
         #[arg(long)]
@@ -182,6 +183,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let client = Client::new(&cli.admin);
             mount(&client, &dir, out)
         }
+    }
+}
+
+/// Checks an admin endpoint address: `HOST:PORT`, or `http://HOST:PORT`.
+fn admin_address(s: &str) -> std::result::Result<String, String> {
+    let bare = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+    let wrong =
+        || format!("expected HOST:PORT (like {DEFAULT_ADMIN}) or http://HOST:PORT, got {s:?}");
+    let (host, port) = bare.rsplit_once(':').ok_or_else(wrong)?;
+    let host_ok = !host.is_empty() && !host.contains('/') && !host.contains("://");
+    match port.parse::<u16>() {
+        Ok(_) if host_ok => Ok(s.to_owned()),
+        _ => Err(wrong()),
     }
 }
 
@@ -450,7 +464,9 @@ async fn serve_until_signal(cfg: ServeConfig) -> Result<()> {
         .map_err(|e| anyhow!("cannot install the SIGINT handler: {e}"))?;
 
     let mut gateway = Gateway::start(cfg).await?;
-    println!("{}", ready_line(&gateway));
+    // A stdout nobody can write to (closed, /dev/full) must not stop the
+    // gateway: the line is for scripts, the log says the same.
+    let _ = writeln!(std::io::stdout(), "{}", ready_line(&gateway));
     // The ready line is how scripts know we are up: do not leave it buffered.
     let _ = std::io::stdout().flush();
 
@@ -1020,6 +1036,15 @@ impl Client {
                     "{:?} is not a usable admin address: give HOST:PORT, e.g. {DEFAULT_ADMIN}",
                     self.addr
                 )),
+                // ureq reports some of these as I/O errors; the text tells.
+                _ if not_http(&t) => Err(anyhow!(
+                    "{} does not answer HTTP: is it the NBD port? The admin endpoint is `serve --admin` (default {DEFAULT_ADMIN})",
+                    self.addr
+                )),
+                _ if t.to_string().contains("timed out") => Err(anyhow!(
+                    "the admin endpoint at {} did not answer in time (is the gateway stopped or overloaded?)",
+                    self.addr
+                )),
                 _ => Err(anyhow!(
                     "talking to the admin endpoint at {} failed: {t}",
                     self.addr
@@ -1035,6 +1060,17 @@ impl Client {
                 self.addr
             )
         })
+    }
+}
+
+/// Whether a transport error says the other side does not speak HTTP.
+fn not_http(t: &ureq::Transport) -> bool {
+    matches!(
+        t.kind(),
+        ureq::ErrorKind::BadStatus | ureq::ErrorKind::BadHeader
+    ) || {
+        let text = t.to_string();
+        text.contains("Header field didn't end") || text.contains("HTTP version")
     }
 }
 
