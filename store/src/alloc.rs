@@ -367,6 +367,12 @@ impl Alloc {
         }
     }
 
+    /// Free slots still allocated in the data file (reusing them takes no
+    /// new space on the filesystem).
+    pub fn warm_slots(&self) -> u64 {
+        self.warm.total
+    }
+
     /// Number of free slots below `high`.
     pub fn free_slots(&self) -> u64 {
         self.warm.total + self.cold.total

@@ -86,7 +86,10 @@
 //! room held for an open on a full disk, which gives it back when its
 //! checkpoint and new journal find no space and opens again (under the same
 //! pool lock), and which is taken again once the filesystem has twice as
-//! much free. The second open reads what the first left as any open reads
+//! much free. Until then, writes that need new space on the filesystem
+//! fail with `NoSpace` once it would leave less than the reserve's size
+//! free (overwrites that reuse slots of the data file go on), so a second
+//! crash still leaves the next open its room. The second open reads what the first left as any open reads
 //! what a crash left: before its root is renamed into place, an open writes
 //! only page slots the durable root does not use, a torn journal tail it
 //! cut, a new journal (perhaps without its header yet) and

@@ -612,6 +612,9 @@ pub(crate) struct Inner {
     pages: Arc<PageStore>,
     /// When building the space reserve may be tried again after a failure.
     reserve_retry: Mutex<Option<Instant>>,
+    /// Whether the space reserve is in place at its size; while not, new
+    /// data keeps its size free on the filesystem (see `room_for`).
+    reserve_held: AtomicBool,
 }
 
 /// At most this many slots are remembered as fresh (in-place candidates):
@@ -819,6 +822,7 @@ impl Pool {
             resizing: Mutex::new(()),
             pages,
             reserve_retry: Mutex::new(None),
+            reserve_held: AtomicBool::new(false),
         });
         {
             let mut fs = inner.flush.lock();
@@ -2141,6 +2145,8 @@ impl Inner {
             }
             return;
         }
+        self.reserve_held
+            .store(have == Some(want), Ordering::Release);
         let mut retry = self.reserve_retry.lock();
         if have == Some(want) || retry.is_some_and(|t| Instant::now() < t) {
             return;
@@ -2150,13 +2156,43 @@ impl Inner {
         }
         // The rename replaces a reserve of another size.
         match self.build_reserve(want) {
-            Ok(()) => tracing::info!(bytes = want, "space reserve allocated"),
+            Ok(()) => {
+                self.reserve_held.store(true, Ordering::Release);
+                tracing::info!(bytes = want, "space reserve allocated");
+            }
             Err(e) => {
                 let _ = m.remove(RESERVE_TMP);
                 *retry = Some(Instant::now() + RESERVE_RETRY);
                 tracing::warn!(error = %e, "cannot allocate the space reserve; trying again in a minute");
             }
         }
+    }
+
+    /// Checks that `fresh` blocks of new data space may be taken. While
+    /// the space reserve is missing (given back to open on a full disk, or
+    /// not built yet for want of room), new data keeps the reserve's size
+    /// free on the filesystem: a crash must still leave the next open room
+    /// for its checkpoint, and deleting snapshots and volumes must stay
+    /// possible. Overwrites that reuse free slots of the data file take no
+    /// new space and are not refused.
+    fn room_for(&self, fresh: u64) -> Result<()> {
+        let want = self.opts.space_reserve_bytes;
+        if want == 0 || fresh == 0 || self.reserve_held.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(free) = self.medium.available() else {
+            return Ok(());
+        };
+        if free >= want.saturating_add(fresh.saturating_mul(B)) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "the disk is nearly full and the {} MiB space reserve is given back: new data must leave that much free, so that the gateway can always start again (delete snapshots or volumes, or free space on the disk)",
+                want >> 20
+            ),
+        ))
     }
 
     /// Bytes of the space reserve in place (`None` when missing).
@@ -3348,7 +3384,10 @@ impl Volume {
             }
         }
         let runs = if need > 0 {
-            self.inner.alloc.lock().alloc(need)
+            let mut a = self.inner.alloc.lock();
+            // Slots beyond the reusable ones in the data file take new space.
+            self.inner.room_for(need.saturating_sub(a.warm_slots()))?;
+            a.alloc(need)
         } else {
             Vec::new()
         };

@@ -200,8 +200,10 @@ fn a_full_disk_gets_enospc_and_recovers_once_a_snapshot_is_deleted() {
 /// A gateway killed on a full disk starts again (M4: recovery needs no
 /// manual repair): opening writes a checkpoint and a new journal, and when
 /// the disk has no room for them the pool gives back its space reserve
-/// (the file `reserve` in the data directory) and opens. Everything
-/// flushed reads back; once space is freed the reserve is taken again.
+/// (the file `reserve` in the data directory) and opens. Until the reserve
+/// is back, new data leaves its size free, so a second crash on the full
+/// disk starts again too. Everything flushed reads back; once space is
+/// freed the reserve is taken again.
 #[test]
 fn a_gateway_killed_on_a_full_disk_starts_again() {
     if !require_tools(&["qemu-io", "df", "mount", "umount"]) || !can_mount() {
@@ -230,6 +232,20 @@ fn a_gateway_killed_on_a_full_disk_starts_again() {
     );
     assert!(!reserve.exists(), "the reserve is back on a full disk");
     assert_eq!(reserve_metric(&gw), 0);
+    gw.qemu_io_ok("v", &["read -P 0x41 0 32M"]);
+    // With the reserve given back, new data keeps its size free: writing
+    // on fails with ENOSPC before the disk is full, so that a second crash
+    // still leaves the open its room.
+    let out = gw.qemu_io("v", &["write -P 0x44 32M 128M"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(
+        fs_free(&dir) >= 8 * MIB,
+        "new data took the reserve's room: {} MiB free",
+        mib(fs_free(&dir))
+    );
+    gw.restart();
     gw.qemu_io_ok("v", &["read -P 0x41 0 32M"]);
     // Trimming what did not fit frees space; the reserve comes back after
     // the next background flush.
