@@ -63,9 +63,8 @@
 //! data. Opening a pool does the same with every free slot (a stopped
 //! process may have left freed slots unpunched): the reserve stays, the
 //! excess is punched, so a restart does not split the page-cache folios
-//! around each reserve slot. Writes of 16 blocks or more get one contiguous run (a reserve range
-//! that fits, else a punched one, else the end of the file), small ones
-//! the scattered slots.
+//! around each reserve slot. Writes of 16 blocks or more get one contiguous run (a punched range
+//! that fits, or the end of the file), small ones the scattered slots.
 //!
 //! Once deleted snapshots are collected and writes pause for a few seconds
 //! (or [`Pool::reclaim_space`] returns), what the pool holds beyond the data
