@@ -62,7 +62,7 @@ pub enum Command {
     /// Create, list, resize and delete volumes.
     #[command(subcommand, arg_required_else_help = false)]
     Volume(VolumeCommand),
-    /// Create, list and delete snapshots of a volume.
+    /// Create, list, delete and compare (diff) snapshots of a volume.
     #[command(subcommand, arg_required_else_help = false)]
     Snapshot(SnapshotCommand),
     /// Check every stored block of a stopped gateway's data; exit 1 if any is damaged.
@@ -111,7 +111,7 @@ pub enum VolumeCommand {
     Create {
         name: String,
         /// Virtual size: bytes or a binary unit (512, 64K, 10M, 4G, 2T).
-        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        #[arg(long, value_parser = parse_volume_size, allow_hyphen_values = true)]
         size: u64,
         /// Changed-block tracking granularity (a power of two, 4K..1G), or
         /// `off` [default: 64K].
@@ -126,7 +126,7 @@ pub enum VolumeCommand {
     Resize {
         name: String,
         /// The new size (512, 64K, 10M, 4G, 2T).
-        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        #[arg(long, value_parser = parse_volume_size, allow_hyphen_values = true)]
         size: u64,
         /// Allow a smaller size: the data past the new end is discarded.
         #[arg(long)]
@@ -838,15 +838,30 @@ const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
 
 /// `10 GiB`, `1.5 MiB`, `512 B`: one decimal at most, none when exact.
 /// A change-tracking granularity: a size, or `off` (0).
+/// [`parse_size`] for a volume: at most what the store takes (1 PiB).
+fn parse_volume_size(s: &str) -> std::result::Result<u64, String> {
+    let size = parse_size(s)?;
+    if size > store::MAX_VOLUME_SIZE {
+        return Err(format!(
+            "{s} is larger than the largest volume ({})",
+            human_size(store::MAX_VOLUME_SIZE)
+        ));
+    }
+    Ok(size)
+}
+
 fn parse_granularity(s: &str) -> std::result::Result<u64, String> {
     if s.eq_ignore_ascii_case("off") {
         return Ok(0);
     }
+    let wrong =
+        || format!("granularity {s} is not a power of two from 4K to 1G (e.g. 64K), or off");
+    if s.trim() == "0" {
+        return Err(wrong());
+    }
     let g = parse_size(s)?;
     if !g.is_power_of_two() || !(4096..=1 << 30).contains(&g) {
-        return Err(format!(
-            "granularity {s} is not a power of two from 4K to 1G (e.g. 64K), or off"
-        ));
+        return Err(wrong());
     }
     Ok(g)
 }

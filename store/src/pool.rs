@@ -2845,7 +2845,10 @@ impl Volume {
         if a >= limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("{point} is not older than {}", self.label()),
+                format!(
+                    "{point} is not older than {}: the first point must be the older one",
+                    self.label()
+                ),
             ));
         }
         if !st.cbt.enabled() {
