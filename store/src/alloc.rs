@@ -362,10 +362,15 @@ impl Alloc {
         }
     }
 
-    /// Free slots still allocated in the data file (reusing them takes no
-    /// new space on the filesystem).
-    pub fn warm_slots(&self) -> u64 {
-        self.warm.total
+    /// How many of the slots an `alloc(n)` now would hand out need new
+    /// space on the filesystem (punched or past the end), at most: large
+    /// writes never take warm slots, small ones take them first.
+    pub fn fresh_for(&self, n: u64) -> u64 {
+        if n >= CONTIGUOUS {
+            n
+        } else {
+            n.saturating_sub(self.warm.total)
+        }
     }
 
     /// Number of free slots below `high`.

@@ -190,8 +190,12 @@ impl VolState {
         self.map.prepare((block, 0), (block, u32::MAX))?;
         let cur = self.epoch;
         let (latest, entries) = self.map.births(block)?;
+        // A block whose entries were lost with a damaged map page reads as
+        // an error while it has no entry born since: a hole there is kept
+        // as an entry, never made by removing the last one.
+        let lost = self.touches_damaged(block, block);
         let Some(t) = latest else {
-            return Ok((new != Loc::Hole).then_some(UpdateItem {
+            return Ok((new != Loc::Hole || lost).then_some(UpdateItem {
                 block,
                 set: Some(new),
                 drop: None,
@@ -206,7 +210,7 @@ impl VolState {
             }));
         }
         let older = entries > 1;
-        if new == Loc::Hole && !older {
+        if new == Loc::Hole && !older && !lost {
             return Ok(Some(UpdateItem {
                 block,
                 set: None,
@@ -615,6 +619,8 @@ pub(crate) struct Inner {
     /// Whether the space reserve is in place at its size; while not, new
     /// data keeps its size free on the filesystem (see `room_for`).
     reserve_held: AtomicBool,
+    /// New space allocated under that rule and not written yet.
+    space_claimed: AtomicU64,
 }
 
 /// At most this many slots are remembered as fresh (in-place candidates):
@@ -823,6 +829,7 @@ impl Pool {
             pages,
             reserve_retry: Mutex::new(None),
             reserve_held: AtomicBool::new(false),
+            space_claimed: AtomicU64::new(0),
         });
         {
             let mut fs = inner.flush.lock();
@@ -2145,8 +2152,9 @@ impl Inner {
             }
             return;
         }
+        // A larger reserve left from an earlier setting holds room too.
         self.reserve_held
-            .store(have == Some(want), Ordering::Release);
+            .store(have.is_some_and(|h| h >= want), Ordering::Release);
         let mut retry = self.reserve_retry.lock();
         if have == Some(want) || retry.is_some_and(|t| Instant::now() < t) {
             return;
@@ -2175,16 +2183,23 @@ impl Inner {
     /// for its checkpoint, and deleting snapshots and volumes must stay
     /// possible. Overwrites that reuse free slots of the data file take no
     /// new space and are not refused.
-    fn room_for(&self, fresh: u64) -> Result<()> {
+    ///
+    /// Returns the bytes it claimed, which the caller hands back (to
+    /// `space_claimed`) once they are written: concurrent writers must not
+    /// all count the same free space.
+    fn room_for(&self, fresh: u64) -> Result<u64> {
         let want = self.opts.space_reserve_bytes;
         if want == 0 || fresh == 0 || self.reserve_held.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(0);
         }
         let Ok(free) = self.medium.available() else {
-            return Ok(());
+            return Ok(0);
         };
-        if free >= want.saturating_add(fresh.saturating_mul(B)) {
-            return Ok(());
+        let bytes = fresh.saturating_mul(B);
+        let claimed = self.space_claimed.load(Ordering::Acquire);
+        if free.saturating_sub(claimed) >= want.saturating_add(bytes) {
+            self.space_claimed.fetch_add(bytes, Ordering::AcqRel);
+            return Ok(bytes);
         }
         Err(Error::new(
             ErrorKind::NoSpace,
@@ -3386,10 +3401,10 @@ impl Volume {
                 return Ok(seq);
             }
         }
+        let mut claimed = 0;
         let runs = if need > 0 {
             let mut a = self.inner.alloc.lock();
-            // Slots beyond the reusable ones in the data file take new space.
-            self.inner.room_for(need.saturating_sub(a.warm_slots()))?;
+            claimed = self.inner.room_for(a.fresh_for(need))?;
             a.alloc(need)
         } else {
             Vec::new()
@@ -3403,6 +3418,9 @@ impl Volume {
             }
         }
         let res = self.write_slots(data, &locs);
+        self.inner
+            .space_claimed
+            .fetch_sub(claimed, Ordering::AcqRel);
         if let Err(e) = res {
             self.give_back(&locs);
             return Err(e);
@@ -3624,24 +3642,16 @@ impl Volume {
             }
             // Blocks whose entries were lost with a damaged map page are
             // unknown, not holes: a trim makes them known holes (an entry
-            // born now), as a write makes them known data.
+            // born now, see `plan`), as a write makes them known data.
             let lost = st.lost_in(b, batch_end);
             if !lost.is_empty() {
-                blocks.extend(lost.iter().copied());
+                blocks.extend(lost);
                 blocks.sort_unstable();
                 blocks.dedup();
             }
             let mut items: Vec<UpdateItem> = Vec::with_capacity(blocks.len());
             for &blk in &blocks {
-                let planned = match st.plan(blk, loc)? {
-                    None if lost.binary_search(&blk).is_ok() => Some(UpdateItem {
-                        block: blk,
-                        set: Some(loc),
-                        drop: None,
-                    }),
-                    planned => planned,
-                };
-                if let Some(it) = planned {
+                if let Some(it) = st.plan(blk, loc)? {
                     items.push(it);
                 }
             }

@@ -95,6 +95,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// for the whole negotiation: listing many exports takes longer).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// However steadily a client sends options, negotiation ends after this
+/// long (`nbdinfo --list` of a thousand exports takes about 7 minutes with
+/// libnbd's corked options; a connection slot is not held longer).
+pub const NEGOTIATION_LIMIT: Duration = Duration::from_secs(600);
+
 /// The NBD server. Cheap to share: `serve_tcp` and `serve_unix` may run at
 /// the same time on one `Arc<Server>`.
 pub struct Server {
@@ -230,19 +235,28 @@ impl Server {
         let mut r = BufReader::with_capacity(256 << 10, r);
         // At shutdown, negotiation goes on for SHUTDOWN_GRACE, refusing
         // options with NBD_REP_ERR_SHUTDOWN so the client learns why.
-        let negotiation = handshake::negotiate(
-            &mut r,
-            &mut w,
-            &self.source,
-            shutdown.clone(),
-            self.handshake_timeout,
+        let negotiation = tokio::time::timeout(
+            NEGOTIATION_LIMIT,
+            handshake::negotiate(
+                &mut r,
+                &mut w,
+                &self.source,
+                shutdown.clone(),
+                self.handshake_timeout,
+            ),
         );
         let grace = async {
             wait_shutdown(&mut shutdown).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         let negotiated = tokio::select! {
-            res = negotiation => res,
+            res = negotiation => match res {
+                Ok(res) => res,
+                Err(_) => {
+                    warn!("client still negotiating after {NEGOTIATION_LIMIT:?}: disconnecting");
+                    return;
+                }
+            },
             _ = grace => {
                 debug!("closing connection in negotiation: shutting down");
                 return;
