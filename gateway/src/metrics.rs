@@ -11,8 +11,8 @@
 //! another; every family on its own is monotonic and self-consistent (a
 //! histogram's `_count` is computed from its own buckets).
 
-use parking_lot::RwLock;
-use std::collections::HashMap;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -101,6 +101,9 @@ impl OpMetrics {
 #[derive(Default)]
 struct VolumeMetrics {
     ops: [OpMetrics; Op::ALL.len()],
+    /// Requests answered with an error, by error name (rare: a lock is
+    /// cheap enough).
+    errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// The gateway's NBD metrics; one instance is shared by the NBD server
@@ -122,6 +125,13 @@ impl Metrics {
     /// from receiving the request to sending its reply.
     pub fn record(&self, volume: &str, op: Op, bytes: u64, latency: Duration) {
         self.volume(volume).ops[op.index()].record(bytes, latency);
+    }
+
+    /// Counts one request on export `volume` answered with error `errno`
+    /// (its name: `EINVAL`, `ENOSPC`, ...), refused before the device or
+    /// failed by it.
+    pub fn record_error(&self, volume: &str, errno: &'static str) {
+        *self.volume(volume).errors.lock().entry(errno).or_default() += 1;
     }
 
     /// A client connected (counts in the gauge and the total).
@@ -199,6 +209,22 @@ impl Metrics {
                 op.as_str(),
                 m.bytes.load(Ordering::Relaxed)
             );
+        }
+
+        header(
+            out,
+            "snapgate_nbd_errors_total",
+            "counter",
+            "NBD requests answered with an error, by export and error (refused before the store, or failed by it).",
+        );
+        for (name, v) in &volumes {
+            let vol = escape_label(name);
+            for (errno, n) in v.errors.lock().iter() {
+                let _ = writeln!(
+                    out,
+                    "snapgate_nbd_errors_total{{volume=\"{vol}\",errno=\"{errno}\"}} {n}"
+                );
+            }
         }
 
         header(

@@ -191,9 +191,10 @@ impl Errno {
     }
 }
 
-impl fmt::Display for Errno {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
+impl Errno {
+    /// The symbolic name (`EIO`), as in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
             Errno::Perm => "EPERM",
             Errno::Io => "EIO",
             Errno::NoMem => "ENOMEM",
@@ -202,8 +203,13 @@ impl fmt::Display for Errno {
             Errno::Overflow => "EOVERFLOW",
             Errno::NotSup => "ENOTSUP",
             Errno::Shutdown => "ESHUTDOWN",
-        };
-        f.write_str(s)
+        }
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

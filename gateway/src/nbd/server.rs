@@ -726,7 +726,7 @@ async fn transmission<R, W>(
                     rej.errno
                 );
                 let mut bytes = Vec::with_capacity(64);
-                error_reply(
+                conn.error_reply(
                     &mut bytes,
                     conn.structured,
                     req.cookie,
@@ -839,7 +839,7 @@ fn guarded(
                 "request handler panicked"
             );
             let mut b = Vec::new();
-            error_reply(
+            conn.error_reply(
                 &mut b,
                 conn.structured,
                 req.cookie,
@@ -897,6 +897,19 @@ fn error_reply(out: &mut Vec<u8>, structured: bool, cookie: u64, errno: Errno, m
 }
 
 impl Conn {
+    /// Encodes an error reply (see [`error_reply`]) and counts it.
+    fn error_reply(
+        &self,
+        out: &mut Vec<u8>,
+        structured: bool,
+        cookie: u64,
+        errno: Errno,
+        message: &str,
+    ) {
+        self.metrics.record_error(self.export.name(), errno.name());
+        error_reply(out, structured, cookie, errno, message);
+    }
+
     /// Runs a validated request on the device and encodes its reply.
     /// Called on a blocking thread.
     /// Returns the reply and whether the request succeeded.
@@ -948,7 +961,7 @@ impl Conn {
             }
             Err(e) => {
                 self.log_failure(req, &e);
-                error_reply(&mut out, self.structured, cookie, e.errno, &e.message);
+                self.error_reply(&mut out, self.structured, cookie, e.errno, &e.message);
                 (out, false)
             }
         }
@@ -1037,7 +1050,7 @@ impl Conn {
                     cookie, offset, len, "READ failed: {e}"
                 );
                 let mut out = Vec::with_capacity(64);
-                error_reply(&mut out, self.structured, cookie, e.errno, &e.message);
+                self.error_reply(&mut out, self.structured, cookie, e.errno, &e.message);
                 Some((out, false))
             }
         }
@@ -1071,7 +1084,7 @@ impl Conn {
                     );
                     // One error chunk instead of a partial answer.
                     out.clear();
-                    error_reply(&mut out, true, cookie, e.errno, &e.message);
+                    self.error_reply(&mut out, true, cookie, e.errno, &e.message);
                     return (out, false);
                 }
             }

@@ -993,6 +993,7 @@ async fn every_error_code() {
         ("big trim", 0, Command::Trim, 0, SIZE as u32, None),
         ("zero length past end ok", 0, Command::Read, SIZE, 0, None),
     ];
+    let mut counted: std::collections::BTreeMap<&str, u64> = Default::default();
     for (what, flags, cmd, off, len, want) in cases {
         let payload = if cmd == Command::Write {
             vec![0xee; len as usize]
@@ -1001,9 +1002,17 @@ async fn every_error_code() {
         };
         let r = c.call(flags, cmd, off, len, &payload).await;
         assert_eq!(r.errno(), want, "structured: {what}");
-        if want.is_some() {
+        if let Some(e) = want {
             assert!(!r.error.unwrap().1.is_empty(), "{what}: no message");
+            *counted.entry(e.name()).or_default() += 1;
         }
+    }
+    // Every error reply is counted, by export and error.
+    let mut text = String::new();
+    t.metrics.render(&mut text);
+    for (errno, n) in counted {
+        let line = format!("snapgate_nbd_errors_total{{volume=\"disk\",errno=\"{errno}\"}} {n}");
+        assert!(text.contains(&line), "{line} missing:\n{text}");
     }
     // Without structured replies: DF is not advertised hence invalid, and
     // BLOCK_STATUS needs structured replies.
