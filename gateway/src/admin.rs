@@ -440,6 +440,9 @@ async fn delete_volume(
     let pool = st.pool;
     let deleted = name.clone();
     blocking(move || Ok(pool.delete_volume(&name)?)).await?;
+    // Its series go with it: a volume created later under the name starts
+    // from zero.
+    st.metrics.forget_volume(&deleted);
     tracing::info!(volume = %deleted, "deleted volume");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -472,6 +475,7 @@ async fn delete_snapshot(
     let pool = st.pool;
     let export = format!("{volume}@{snap}");
     blocking(move || Ok(pool.delete_snapshot(&volume, &snap)?)).await?;
+    st.metrics.forget_export(&export);
     tracing::info!(snapshot = %export, "deleted snapshot");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -134,6 +134,19 @@ impl Metrics {
         *self.volume(volume).errors.lock().entry(errno).or_default() += 1;
     }
 
+    /// Drops the series of export `name` (a deleted snapshot `vol@snap`).
+    pub fn forget_export(&self, name: &str) {
+        self.volumes.write().remove(name);
+    }
+
+    /// Drops the series of volume `name` and of its snapshots' exports.
+    pub fn forget_volume(&self, name: &str) {
+        let snaps = format!("{name}@");
+        self.volumes
+            .write()
+            .retain(|export, _| export != name && !export.starts_with(&snaps));
+    }
+
     /// A client connected (counts in the gauge and the total).
     pub fn connection_opened(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -326,6 +339,27 @@ mod tests {
         let mut out = String::new();
         m.render(&mut out);
         out
+    }
+
+    #[test]
+    fn deleted_volumes_and_snapshots_lose_their_series() {
+        let m = Metrics::new();
+        for export in ["v", "v@a", "v@b", "vv", "w@a"] {
+            m.record(export, Op::Read, 4096, Duration::from_micros(10));
+        }
+        m.record_error("v", "EIO");
+        m.forget_export("v@a");
+        let text = rendered(&m);
+        assert!(!text.contains("volume=\"v@a\""), "{text}");
+        assert!(text.contains("volume=\"v@b\""), "{text}");
+        m.forget_volume("v");
+        let text = rendered(&m);
+        for gone in ["v", "v@b"] {
+            assert!(!text.contains(&format!("volume=\"{gone}\"")), "{text}");
+        }
+        for kept in ["vv", "w@a"] {
+            assert!(text.contains(&format!("volume=\"{kept}\"")), "{text}");
+        }
     }
 
     fn value(text: &str, series: &str) -> f64 {

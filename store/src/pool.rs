@@ -72,7 +72,29 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
             "{c:?} is not allowed (no '/', '@' or control characters)"
         ));
     }
+    // Names show in tables, logs, export names and file names: ones that
+    // look like another name there are refused.
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return bad("it starts or ends with a space");
+    }
+    if let Some(c) = name.chars().find(|&c| invisible(c)) {
+        return bad(&format!(
+            "{c:?} is an invisible character (zero-width or a text-direction mark)"
+        ));
+    }
     Ok(())
+}
+
+/// Characters that print as nothing, or reorder the text around them.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'
+        | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{FEFF}')
 }
 
 fn validate_size(size: u64) -> Result<()> {

@@ -512,7 +512,19 @@ fn deleting_a_volume_with_patched_map_pages_gives_back_all_its_space() {
 fn bad_input_gets_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::open(dir.path(), PoolOptions::default()).unwrap();
-    for bad in ["", "a/b", "a@b", "x\ny", ".", ".."] {
+    for bad in [
+        "",
+        "a/b",
+        "a@b",
+        "x\ny",
+        ".",
+        "..",
+        " v",
+        "v ",
+        "v\u{200B}",
+        "\u{202E}v",
+        "a\u{FEFF}b",
+    ] {
         assert_eq!(
             pool.create_volume(bad, 1 << 20).unwrap_err().kind(),
             ErrorKind::InvalidName,
