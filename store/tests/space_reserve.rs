@@ -2,54 +2,23 @@
 //! its size, writes that need new filesystem space keep that size free.
 //! A medium whose free space the test sets stands for the filesystem.
 
-use std::io;
+mod common;
+
+use common::{Limited, Limits};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use store::{ErrorKind, Medium, MediumFile, MemMedium, Pool, PoolOptions, BLOCK};
+use store::{ErrorKind, Medium, MemMedium, Pool, PoolOptions, BLOCK};
 
 const B: u64 = BLOCK as u64;
 const MIB: u64 = 1 << 20;
 
-/// [`MemMedium`] with the free space `free` says.
-struct Avail {
-    m: MemMedium,
-    free: Arc<AtomicU64>,
-}
-
-impl Medium for Avail {
-    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn MediumFile>> {
-        self.m.open(name, create)
-    }
-    fn exists(&self, name: &str) -> bool {
-        self.m.exists(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.m.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.m.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.m.sync_dir()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.m.list()
-    }
-    fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
-        self.m.lock()
-    }
-    fn describe(&self) -> String {
-        "memory with a set free space".into()
-    }
-    fn available(&self) -> io::Result<u64> {
-        Ok(self.free.load(Ordering::SeqCst))
-    }
-}
-
+/// A pool on `m` whose filesystem has `free` bytes free.
 fn open(m: &MemMedium, free: &Arc<AtomicU64>, opts: PoolOptions) -> Arc<Pool> {
-    let medium = Avail {
+    let mut limits = Limits::new(libc::ENOSPC);
+    limits.free = free.clone();
+    let medium = Limited {
         m: m.clone(),
-        free: free.clone(),
+        limits,
     };
     Pool::open_medium(Arc::new(medium), opts).unwrap()
 }

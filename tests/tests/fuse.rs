@@ -60,6 +60,40 @@ fn wait_for(path: &Path, timeout: Duration) -> bool {
     false
 }
 
+/// Volume `v` (1 MiB) with snapshot `p` on `gw`, and an empty directory
+/// for the view: (the directory, the point's image file in the view).
+fn view_setup(gw: &Gateway) -> (PathBuf, PathBuf) {
+    gw.create_volume("v", "1M");
+    gw.snapshot("v", "p");
+    let mnt = gw.tmp().join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let img = mnt.join(SITE).join("v").join("p.img");
+    (mnt, img)
+}
+
+/// `snapgate mount DIR` through `gw`, its stderr piped.
+fn spawn_mount(gw: &Gateway, mnt: &Path) -> Child {
+    gw.cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapgate mount")
+}
+
+/// A `snapgate mount` through `gw` whose view is up (`img` exists).
+fn mounted(gw: &Gateway, mnt: &Path, img: &Path) -> MountGuard {
+    let guard = MountGuard {
+        dir: mnt.to_path_buf(),
+        child: Some(spawn_mount(gw, mnt)),
+    };
+    assert!(
+        wait_for(img, Duration::from_secs(30)),
+        "view never appeared"
+    );
+    guard
+}
+
 #[test]
 fn points_as_image_files() {
     if !require_tools(&[
@@ -268,27 +302,8 @@ fn mount_again_after_a_gateway_crash() {
         return;
     }
     let mut gw = Gateway::start();
-    gw.create_volume("v", "1M");
-    gw.snapshot("v", "p");
-    let mnt = gw.tmp().join("view");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let img = mnt.join(SITE).join("v").join("p.img");
-    let spawn = |gw: &Gateway| {
-        gw.cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn snapgate mount")
-    };
-    let mut first = MountGuard {
-        dir: mnt.clone(),
-        child: Some(spawn(&gw)),
-    };
-    assert!(
-        wait_for(&img, Duration::from_secs(30)),
-        "view never appeared"
-    );
+    let (mnt, img) = view_setup(&gw);
+    let mut first = mounted(&gw, &mnt, &img);
     gw.kill9();
     let mut child = first.child.take().expect("child");
     let st = wait_timeout(&mut child, Duration::from_secs(20))
@@ -306,14 +321,7 @@ fn mount_again_after_a_gateway_crash() {
 
     // The same with the mount command gone first: the dead mount stays.
     gw.restart();
-    let mut second = MountGuard {
-        dir: mnt.clone(),
-        child: Some(spawn(&gw)),
-    };
-    assert!(
-        wait_for(&img, Duration::from_secs(30)),
-        "view never appeared"
-    );
+    let mut second = mounted(&gw, &mnt, &img);
     let mut c = second.child.take().expect("child");
     // SAFETY: kill(2) with a pid of our own child; no memory involved.
     unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGSTOP) };
@@ -332,7 +340,7 @@ fn mount_again_after_a_gateway_crash() {
     };
     assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
     gw.restart();
-    let mut child = spawn(&gw);
+    let mut child = spawn_mount(&gw, &mnt);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !img.exists() && Instant::now() < deadline {
         if let Some(st) = child.try_wait().expect("try_wait") {
@@ -358,29 +366,10 @@ fn a_view_lives_as_long_as_its_mount_command() {
         return;
     }
     let gw = Gateway::start();
-    gw.create_volume("v", "1M");
-    gw.snapshot("v", "p");
     let other = Gateway::start();
-    let mnt = gw.tmp().join("view");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let img = mnt.join(SITE).join("v").join("p.img");
+    let (mnt, img) = view_setup(&gw);
     let dir = mnt.to_str().expect("utf-8");
-    let spawn = |gw: &Gateway| {
-        gw.cli_cmd(&["mount", dir])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn snapgate mount")
-    };
-    let mut first = MountGuard {
-        dir: mnt.clone(),
-        child: Some(spawn(&gw)),
-    };
-    assert!(
-        wait_for(&img, Duration::from_secs(30)),
-        "view never appeared"
-    );
+    let mut first = mounted(&gw, &mnt, &img);
     let pid = first.child.as_ref().expect("child").id();
 
     for (who, g, expect) in [
@@ -433,11 +422,7 @@ fn a_view_lives_as_long_as_its_mount_command() {
         gw.log()
     );
 
-    let mut again = MountGuard {
-        dir: mnt.clone(),
-        child: Some(spawn(&gw)),
-    };
-    assert!(wait_for(&img, Duration::from_secs(30)), "no new view");
+    let mut again = mounted(&gw, &mnt, &img);
     let c = again.child.as_mut().expect("child");
     assert!(c.try_wait().expect("try_wait").is_none());
 }
@@ -452,26 +437,8 @@ fn ctrl_c_with_a_stopped_gateway() {
         return;
     }
     let gw = Gateway::start();
-    gw.create_volume("v", "1M");
-    gw.snapshot("v", "p");
-    let mnt = gw.tmp().join("view");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let img = mnt.join(SITE).join("v").join("p.img");
-    let mut guard = MountGuard {
-        dir: mnt.clone(),
-        child: Some(
-            gw.cli_cmd(&["mount", mnt.to_str().expect("utf-8")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn snapgate mount"),
-        ),
-    };
-    assert!(
-        wait_for(&img, Duration::from_secs(30)),
-        "view never appeared"
-    );
+    let (mnt, img) = view_setup(&gw);
+    let mut guard = mounted(&gw, &mnt, &img);
     let gw_pid = gw.pid().expect("gateway pid") as libc::pid_t;
     let mut child = guard.child.take().expect("child");
     // SAFETY: kill(2) on the gateway and our own child; no memory involved.

@@ -1,6 +1,7 @@
 //! A wrapper of the in-memory medium that runs out of room: after `left`
 //! more writes (file creations and extensions count), every one fails
-//! until `left` is raised. Shared by the test files that need it.
+//! until `left` is raised; it reports the free space `free` says. Shared
+//! by the test files that need it.
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io;
@@ -25,6 +26,8 @@ pub struct Limits {
     errno: i32,
     /// Removing this file gives room for this many writes.
     freed_by: Arc<Mutex<Option<(&'static str, u64)>>>,
+    /// The free space the medium reports (`Medium::available`).
+    pub free: Arc<AtomicU64>,
 }
 
 impl Limits {
@@ -35,6 +38,7 @@ impl Limits {
             short: Arc::new(AtomicBool::new(false)),
             errno,
             freed_by: Arc::new(Mutex::new(None)),
+            free: Arc::new(AtomicU64::new(u64::MAX)),
         }
     }
 
@@ -148,5 +152,8 @@ impl Medium for Limited {
     }
     fn describe(&self) -> String {
         "limited memory medium".into()
+    }
+    fn available(&self) -> io::Result<u64> {
+        Ok(self.limits.free.load(Ordering::SeqCst))
     }
 }
