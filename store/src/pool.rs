@@ -3440,9 +3440,12 @@ impl Volume {
             }
         }
         let res = self.write_slots(data, &locs);
-        self.inner
-            .space_claimed
-            .fetch_sub(claimed, Ordering::AcqRel);
+        if claimed > 0 {
+            // Only while the reserve is missing: no shared write otherwise.
+            self.inner
+                .space_claimed
+                .fetch_sub(claimed, Ordering::AcqRel);
+        }
         if let Err(e) = res {
             self.give_back(&locs);
             return Err(e);
