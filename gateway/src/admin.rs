@@ -293,7 +293,7 @@ pub fn http_status(err: &Error) -> StatusCode {
             | MountError::NotADirectory(_)
             | MountError::NotEmpty(_)
             | MountError::InvalidSite(_) => StatusCode::BAD_REQUEST,
-            MountError::AlreadyMounted { .. } => StatusCode::CONFLICT,
+            MountError::AlreadyMounted { .. } | MountError::Occupied { .. } => StatusCode::CONFLICT,
             MountError::NoFuseDevice => StatusCode::SERVICE_UNAVAILABLE,
             MountError::Stale { .. }
             | MountError::Dir { .. }

@@ -93,6 +93,8 @@ pub enum MountError {
     /// colon.
     #[error("{} already shows a snapgate view{why}", dir.display())]
     AlreadyMounted { dir: PathBuf, why: String },
+    #[error("cannot mount on {}: {why}", dir.display())]
+    Occupied { dir: PathBuf, why: String },
     #[error("invalid site name {0:?}: it must be one non-empty path component")]
     InvalidSite(String),
     #[error("cannot clear the stale FUSE mount on {}: {reason}", dir.display())]
@@ -487,7 +489,8 @@ fn probe(dir: &Path) -> Result<Probe, io::Error> {
 /// Checks that `dir` can take the view: an existing, empty directory, and
 /// `/dev/fuse` present. A dead FUSE mount on `dir` ("Transport endpoint is
 /// not connected", left by a crashed server) is unmounted first; a snapgate
-/// view that still answers is refused, whoever serves it.
+/// view, answering or not, is refused, whoever serves it, and so is another
+/// FUSE filesystem that does not answer.
 pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
     let abs = absolute(dir)?;
     for _ in 0..8 {
@@ -529,6 +532,17 @@ pub fn check_mount_dir(dir: &Path) -> Result<(), MountError> {
         }
         if state == Probe::Alive {
             break; // someone else's working FUSE mount: judged below
+        }
+        if state == Probe::Silent {
+            // Someone else's, hung or busy: not ours to clear.
+            return Err(MountError::Occupied {
+                why: format!(
+                    "a {} filesystem mounted there does not answer; unmount it first (`fusermount3 -u {}`)",
+                    m.fstype,
+                    abs.display()
+                ),
+                dir: abs,
+            });
         }
         tracing::warn!(
             dir = %abs.display(),

@@ -713,6 +713,12 @@ fn mount_dir_checks_and_lifecycle() {
 /// Mounts a FUSE filesystem on `dir` whose server is gone at once, like a
 /// crashed gateway leaves behind.
 fn make_stale_fuse_mount(dir: &Path) {
+    drop(raw_fuse_mount(dir, "snapgate")); // the server goes away
+}
+
+/// Mounts a FUSE filesystem named `source` on `dir` and returns its device:
+/// nothing answers it while the device stays open.
+fn raw_fuse_mount(dir: &Path, source: &str) -> File {
     let dev = File::options()
         .read(true)
         .write(true)
@@ -724,7 +730,7 @@ fn make_stale_fuse_mount(dir: &Path) {
     ))
     .unwrap();
     let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
-    let src = CString::new("snapgate").unwrap();
+    let src = CString::new(source).unwrap();
     let fstype = CString::new("fuse").unwrap();
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
     let rc = unsafe {
@@ -737,5 +743,40 @@ fn make_stale_fuse_mount(dir: &Path) {
         )
     };
     assert_eq!(rc, 0, "mount fuse: {}", std::io::Error::last_os_error());
-    drop(dev); // the server goes away
+    dev
+}
+
+/// A FUSE filesystem that does not answer is never cleared from under
+/// whoever serves it: a snapgate view (a stopped gateway's) and someone
+/// else's are both refused, within the probe's time.
+#[test]
+fn silent_fuse_mounts_are_refused_not_cleared() {
+    let tmp = tempfile::tempdir().unwrap();
+    for source in ["snapgate", "otherfs"] {
+        let mnt = tmp.path().join(source);
+        fs::create_dir(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let dev = raw_fuse_mount(&mnt, source);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = mnt.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(fuse::check_mount_dir(&dir));
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(20));
+        let still_mounted = is_mount_point(&mnt);
+        // Closing the device fails what waits on it; then detach.
+        drop(dev);
+        let c = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path for the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let e = answer
+            .unwrap_or_else(|_| panic!("{source}: no answer within 20 s"))
+            .unwrap_err();
+        match source {
+            "snapgate" => assert!(matches!(e, MountError::AlreadyMounted { .. }), "{e}"),
+            _ => assert!(matches!(e, MountError::Occupied { .. }), "{e}"),
+        }
+        assert!(e.to_string().contains("does not answer"), "{e}");
+        assert!(still_mounted, "{source}: the silent mount was cleared");
+    }
 }
